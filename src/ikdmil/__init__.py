@@ -1,0 +1,3 @@
+"""ikdmil: weakly-supervised tumour segmentation for H&E histopathology (IKD-MIL)."""
+
+__version__ = "0.1.0"

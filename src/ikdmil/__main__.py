@@ -1,0 +1,3 @@
+from ikdmil.cli import main
+
+raise SystemExit(main())

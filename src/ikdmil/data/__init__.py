@@ -1,0 +1,1 @@
+"""Sample records, manifests, image I/O, the Dataset, the preprocessing cache and the preparers."""

@@ -1,0 +1,143 @@
+"""Reading images and masks with clear errors, and writing files atomically.
+
+Conversions we do on purpose (documented in the README):
+- grayscale images are replicated to three channels;
+- RGBA / LA images are composited over white (transparent = glass = background);
+- 16-bit images are scaled to 8 bits (value >> 8 for PNG/TIFF that use the full range).
+Masks must hold exactly two values, 0 and 255 or 0 and 1 (a single value is fine); anything else is
+rejected, because guessing a threshold silently changes what the model is scored against.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ikdmil.errors import IkdmilError
+
+Image.MAX_IMAGE_PIXELS = None  # large histology tiles are normal; we never open whole slides here
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds.
+
+    Readers never see a half-written file, and an interrupted run leaves no partial output.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a uint8 HxW or HxWx3 array (or a bool mask, stored as 0/255) as PNG, atomically."""
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def _open(path: Path) -> Image.Image:
+    if not path.exists():
+        raise IkdmilError(f"{path}: file not found; check the path in the manifest or folder")
+    try:
+        img = Image.open(path)
+        img.load()  # forces a full decode, so truncated files fail here and not mid-epoch
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise IkdmilError(
+            f"{path}: cannot read image ({exc}); the file is truncated or not an image — "
+            "re-export it or remove it from the dataset"
+        ) from None
+    return img
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    if arr.dtype in (np.uint16, np.int32, np.uint32, np.int16) or np.issubdtype(arr.dtype, np.integer):
+        hi = int(arr.max()) if arr.size else 0
+        scale = 65535 if hi > 255 else 255
+        return np.clip(arr.astype(np.float64) * 255.0 / scale, 0, 255).round().astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.floating):
+        hi = float(arr.max()) if arr.size else 0.0
+        scale = 1.0 if hi <= 1.0 else 255.0
+        return np.clip(arr * 255.0 / scale, 0, 255).round().astype(np.uint8)
+    raise ValueError(f"unsupported pixel type {arr.dtype}")
+
+
+def read_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read any common image as uint8 HxWx3 RGB (see the module docstring for conversions)."""
+    path = Path(path)
+    img = _open(path)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = _to_uint8(np.asarray(img))
+    elif img.mode == "RGB":
+        arr = np.asarray(img)
+    else:
+        arr = np.asarray(img.convert("RGB"))
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise IkdmilError(f"{path}: expected an RGB image, got array shape {arr.shape}; convert it to RGB")
+    if arr.dtype != np.uint8:
+        arr = _to_uint8(arr)
+    return np.ascontiguousarray(arr)
+
+
+def read_mask(path: str | os.PathLike, expect_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a binary mask (0/255 or 0/1) as bool HxW; reject anything ambiguous.
+
+    `expect_shape` (H, W) is the image's size: a mask of another size is an error, not a resize,
+    because a mismatch usually means the wrong mask was paired with the image.
+    """
+    path = Path(path)
+    img = _open(path)
+    arr = np.asarray(img)
+    if arr.ndim == 3:
+        if arr.shape[2] == 4:
+            arr = arr[..., :3]
+        if not (arr == arr[..., :1]).all():
+            raise IkdmilError(
+                f"{path}: mask is a colour image; save it as a single-channel PNG with 0 = background "
+                "and 255 (or 1) = tumour"
+            )
+        arr = arr[..., 0]
+    values = np.unique(arr)
+    if not (set(values.tolist()) <= {0, 255} or set(values.tolist()) <= {0, 1}):
+        shown = ", ".join(str(v) for v in values[:6]) + (" ..." if len(values) > 6 else "")
+        raise IkdmilError(
+            f"{path}: mask values are {{{shown}}}, expected only 0/255 or 0/1; binarise it "
+            "(e.g. instance labels: mask = labels > 0) and save it as PNG"
+        )
+    if expect_shape is not None and tuple(arr.shape[:2]) != tuple(expect_shape):
+        raise IkdmilError(
+            f"{path}: mask is {arr.shape[1]}x{arr.shape[0]} px but its image is "
+            f"{expect_shape[1]}x{expect_shape[0]} px; pair each image with its own mask"
+        )
+    return arr > 0

@@ -1,0 +1,157 @@
+"""Sample records and the two ways to describe a dataset: a manifest CSV or a folder layout.
+
+Manifest CSV (header required)::
+
+    image,label,mask,split
+    train/pos/a.png,1,train/masks/a.png,train
+    train/neg/b.png,0,,train
+
+Relative paths are relative to the manifest's folder. `label` is 1 (tumour present) or 0; `mask` is
+optional (it is only used for evaluation, never for training); `split` is train, val or test.
+
+Folder layout::
+
+    ROOT/{train,val,test}/pos/*.png     images with tumour
+    ROOT/{train,val,test}/neg/*.png     images without tumour
+    ROOT/{train,val,test}/masks/NAME.png  optional mask for the image with stem NAME
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from ikdmil.data.io import write_text
+from ikdmil.errors import IkdmilError
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+MANIFEST_COLUMNS = ("image", "label", "mask", "split")
+MANIFEST_NAME = "manifest.csv"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image with its image-level label, optional evaluation mask and split."""
+
+    image: Path
+    label: int
+    mask: Path | None
+    split: str
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def write_manifest(samples: Iterable[Sample], path: str | os.PathLike) -> Path:
+    """Write samples as a manifest CSV (atomically), paths relative to its folder when possible."""
+    path = Path(path)
+    root = path.parent
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(MANIFEST_COLUMNS)
+    for s in samples:
+        writer.writerow([_rel(s.image, root), int(s.label), _rel(s.mask, root) if s.mask else "", s.split])
+    write_text(path, buf.getvalue())
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> list[Sample]:
+    path = Path(path)
+    if not path.is_file():
+        raise IkdmilError(f"{path}: manifest not found; give a manifest CSV or a dataset folder")
+    root = path.parent
+    samples = []
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in ("image", "label", "split") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise IkdmilError(
+                f"{path}: manifest lacks column(s) {', '.join(missing)}; the header must be "
+                f"{','.join(MANIFEST_COLUMNS)}"
+            )
+        for line, row in enumerate(reader, start=2):
+            label = (row.get("label") or "").strip()
+            split = (row.get("split") or "").strip()
+            if label not in ("0", "1"):
+                raise IkdmilError(f"{path}:{line}: label must be 0 or 1, got {label!r}")
+            if split not in SPLITS:
+                raise IkdmilError(f"{path}:{line}: split must be one of {', '.join(SPLITS)}, got {split!r}")
+            image = root / row["image"].strip()
+            mask_s = (row.get("mask") or "").strip()
+            samples.append(Sample(image, int(label), root / mask_s if mask_s else None, split))
+    if not samples:
+        raise IkdmilError(f"{path}: manifest has no rows; add one line per image")
+    return samples
+
+
+def scan_folder(root: str | os.PathLike) -> list[Sample]:
+    """Read the {train,val,test}/{pos,neg,masks} folder layout."""
+    root = Path(root)
+    if not root.is_dir():
+        raise IkdmilError(f"{root}: dataset folder not found; create it or pass a manifest CSV")
+    samples = []
+    for split in SPLITS:
+        masks = root / split / "masks"
+        for cls, label in (("pos", 1), ("neg", 0)):
+            folder = root / split / cls
+            if not folder.is_dir():
+                continue
+            for img in sorted(folder.iterdir()):
+                if img.suffix.lower() not in IMAGE_SUFFIXES or img.name.startswith("."):
+                    continue
+                mask = next((m for m in (masks / (img.stem + ext) for ext in IMAGE_SUFFIXES) if m.is_file()), None)
+                samples.append(Sample(img, label, mask, split))
+    if not samples:
+        raise IkdmilError(
+            f"{root}: no images found; expected {root}/train/pos/*.png, {root}/train/neg/*.png, ... "
+            f"or a {MANIFEST_NAME}"
+        )
+    return samples
+
+
+def load_samples(source: str | os.PathLike) -> list[Sample]:
+    """A manifest CSV, a folder holding manifest.csv, or a folder in the pos/neg layout."""
+    source = Path(source)
+    if source.is_dir() and (source / MANIFEST_NAME).is_file():
+        return read_manifest(source / MANIFEST_NAME)
+    if source.suffix.lower() == ".csv" or source.is_file():
+        return read_manifest(source)
+    return scan_folder(source)
+
+
+def select_split(samples: list[Sample], split: str, source: str | os.PathLike, need_both: bool) -> list[Sample]:
+    """Samples of one split; error when it is empty or (for training) lacks a class."""
+    chosen = [s for s in samples if s.split == split]
+    if not chosen:
+        raise IkdmilError(f"{source}: the {split!r} split has no images; add some or fix the split column")
+    if need_both:
+        for label, name in ((1, "positive (pos)"), (0, "negative (neg)")):
+            if not any(s.label == label for s in chosen):
+                raise IkdmilError(
+                    f"{source}: the {split!r} split has no {name} images; MIL training needs both classes"
+                )
+    return chosen
+
+
+def samples_digest(samples: Iterable[Sample]) -> str:
+    """Content key of a sample list: paths, labels, masks, and each file's size and mtime."""
+    h = hashlib.sha256()
+    for s in samples:
+        for p in (s.image, s.mask):
+            if p is None:
+                h.update(b"-")
+                continue
+            st = p.stat() if p.exists() else None
+            h.update(f"{p.resolve()}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}".encode())
+        h.update(f"|{s.label}|{s.split}\n".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,288 @@
+"""The whole training run as resumable phases: teacher -> fusion -> distill -> done.
+
+After every epoch the run directory holds `checkpoint.pt` (everything needed to continue: models,
+optimizer, RNG states, selection state, metric rows), written atomically, so `--resume` after an
+interruption continues exactly where it stopped. Model selection uses the validation split only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ikdmil import __version__
+from ikdmil.config import RunConfig
+from ikdmil.data.dataset import PatchDataset, build_cache
+from ikdmil.data.io import write_text
+from ikdmil.data.manifest import load_samples, select_split
+from ikdmil.engine.distill import freeze, make_distill_step, student_optimizer, swap_roles
+from ikdmil.engine.evaluate import evaluate_model, predict_fused
+from ikdmil.engine.loop import (
+    Augmenter,
+    MetricsLog,
+    Timer,
+    load_checkpoint,
+    make_loader,
+    resolve_device,
+    run_epoch,
+    save_checkpoint,
+)
+from ikdmil.engine.teacher import fusion_optimizer, make_fusion_step, make_teacher_step, teacher_optimizer
+from ikdmil.errors import IkdmilError
+from ikdmil.losses import mil_loss
+from ikdmil.models import create_model
+from ikdmil.models.checkpoint import load_model, load_state_checked, save_model
+
+PHASES = ("teacher", "fusion", "distill", "done")
+FUSION_LR = 1e-2
+
+
+def _say(msg: str, progress: bool) -> None:
+    if progress:
+        print(msg, flush=True)
+
+
+class Pipeline:
+    """Runs the phases from `first_phase` to `last_phase` of one run directory."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool = True,
+                 first_phase: str = "teacher", last_phase: str = "distill", teacher_file: str | None = None):
+        self.cfg = cfg.validate()
+        self.progress = progress
+        self.run_dir = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        self.first_phase, self.last_phase = first_phase, last_phase
+        self.teacher_file = teacher_file
+        self.epoch_hooks: list[Callable[[str, int], None]] = []  # called after each checkpoint
+        self.ckpt_path = self.run_dir / "checkpoint.pt"
+        if not resume and self.ckpt_path.exists():
+            raise IkdmilError(
+                f"{self.run_dir}: a run already exists here; pass --resume to continue it or choose another --out"
+            )
+        self.resume = resume
+
+        samples = load_samples(cfg.data)
+        self.train_samples = select_split(samples, "train", cfg.data, need_both=True)
+        self.val_samples = select_split(samples, "val", cfg.data, need_both=False)
+        self.test_samples = [s for s in samples if s.split == "test"]
+        cache = cfg.cache_dir or None
+        self.train_arrays = build_cache(self.train_samples, cfg.input_size, cache, progress, "caching train")
+        self.val_arrays = build_cache(self.val_samples, cfg.input_size, cache, progress, "caching val")
+        self.val_has_masks = bool(self.val_arrays.has_mask.all())
+        if not self.val_has_masks:
+            _say("note: some validation positives have no mask; model selection uses the validation MIL loss",
+                 progress)
+
+    # ----------------------------------------------------------------- helpers
+    def _new_model(self, seed_offset: int):
+        torch.manual_seed(self.cfg.seed + seed_offset)
+        model, message = create_model(self.cfg.backbone, self.cfg.pretrained)
+        if seed_offset == 0:
+            _say(f"weights: {message}", self.progress)
+        model = model.to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def val_score(self, model) -> float:
+        """Validation F1 (all patches), or minus the MIL loss when validation masks are missing."""
+        if self.val_has_masks:
+            summary, _, _ = evaluate_model(model, self.val_arrays, self.device, self.cfg.eval_sigma,
+                                           self.cfg.threshold, self.cfg.batch_size * 2, self.cfg.amp)
+            return float(summary["f1"])
+        probs = predict_fused(model, self.val_arrays.images, self.device, self.cfg.batch_size * 2, self.cfg.amp)
+        labels = torch.from_numpy(np.asarray(self.val_arrays.labels))
+        fused = torch.from_numpy(probs)[:, None]
+        from ikdmil.models.heads import MILOutput
+
+        return -float(mil_loss(MILOutput(sides=[], fused=fused), labels))
+
+    def _save(self, state: dict) -> None:
+        state = dict(state)
+        state["rng"] = {"torch": torch.get_rng_state(), "loader": self.loader_gen.get_state(),
+                        "aug": self.augment.gen.get_state()}
+        state["rows"] = self.log.rows
+        save_checkpoint(self.ckpt_path, state)
+        for hook in self.epoch_hooks:
+            hook(state["phase"], state["epoch"])
+
+    # ----------------------------------------------------------------- main
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        timer = Timer()
+        dataset = PatchDataset(self.train_arrays)
+        self.loader, self.loader_gen = make_loader(dataset, cfg.batch_size, True, cfg.seed, cfg.workers, self.device)
+        self.augment = Augmenter(cfg.seed, cfg.augment)
+
+        teacher = self._new_model(0)
+        student = None
+        opt = None
+        if self.resume:
+            st = load_checkpoint(self.ckpt_path)
+            rows = st.get("rows", [])
+            self.loader_gen.set_state(st["rng"]["loader"])
+            self.augment.gen.set_state(st["rng"]["aug"])
+            torch.set_rng_state(st["rng"]["torch"])
+            load_state_checked(teacher, st["teacher"], self.ckpt_path)
+            phase, epoch = st["phase"], st["epoch"]
+            sel = st["selection"]
+            if st.get("student") is not None:
+                student = self._new_model(1)
+                load_state_checked(student, st["student"], self.ckpt_path)
+            _say(f"resuming {self.run_dir} at phase {phase}, epoch {epoch}", self.progress)
+        else:
+            rows = []
+            phase, epoch = self.first_phase, 0
+            sel = {"teacher_best": None, "student_best": None, "teacher_score": None, "swaps": 0}
+            if phase == "distill":
+                if not self.teacher_file:
+                    raise IkdmilError("distill needs a teacher: pass --teacher MODEL.safetensors")
+                loaded, _ = load_model(self.teacher_file, self.device, expect_backbone=cfg.backbone)
+                teacher.load_state_dict(loaded.state_dict())
+                sel["teacher_score"] = self.val_score(teacher)
+                save_model(teacher, self.run_dir / "teacher.safetensors", input_size=cfg.input_size,
+                           role="teacher", val_score=sel["teacher_score"], source=str(self.teacher_file))
+            cfg.save(self.run_dir / "config.yaml")
+        self.log = MetricsLog(self.run_dir, rows)
+
+        def state(**kw):
+            return {"phase": phase, "epoch": epoch, "teacher": teacher.state_dict(),
+                    "student": student.state_dict() if student is not None else None,
+                    "optimizer": opt.state_dict() if opt is not None else None, "selection": sel, **kw}
+
+        try:
+            # ---------------- stage 1: MIL teacher
+            if phase == "teacher":
+                opt = teacher_optimizer(teacher, cfg.lr, cfg.weight_decay)
+                if self.resume and st.get("optimizer") is not None:
+                    opt.load_state_dict(st["optimizer"])
+                step = make_teacher_step(teacher, opt, self.device, cfg.amp)
+                while epoch < cfg.teacher_epochs:
+                    t0 = time.perf_counter()
+                    losses = run_epoch(step, self.loader, self.device, self.augment,
+                                       f"teacher {epoch + 1}/{cfg.teacher_epochs}", self.progress)
+                    score = self.val_score(teacher)
+                    epoch += 1
+                    if sel["teacher_best"] is None or score > sel["teacher_best"]["score"]:
+                        sel["teacher_best"] = {"score": score, "epoch": epoch,
+                                               "state": copy.deepcopy(teacher.state_dict())}
+                    self.log.add({"phase": "teacher", "epoch": epoch, **losses, "val_teacher": score,
+                                  "seconds": round(time.perf_counter() - t0, 3)})
+                    _say(f"teacher epoch {epoch}/{cfg.teacher_epochs}  loss {losses['loss']:.4f}  val {score:.4f}",
+                         self.progress)
+                    self._save(state())
+                if sel["teacher_best"] is not None:  # selection on the validation split
+                    teacher.load_state_dict(sel["teacher_best"]["state"])
+                phase, epoch, opt = "fusion", 0, None
+                self._save(state())
+
+            # ---------------- fusion-weight fit
+            if phase == "fusion":
+                opt = fusion_optimizer(teacher, FUSION_LR)
+                if self.resume and st.get("optimizer") is not None and st["phase"] == "fusion":
+                    opt.load_state_dict(st["optimizer"])
+                step = make_fusion_step(teacher, opt, self.device, cfg.amp)
+                while epoch < cfg.fusion_epochs:
+                    losses = run_epoch(step, self.loader, self.device, self.augment,
+                                       f"fusion {epoch + 1}/{cfg.fusion_epochs}", self.progress)
+                    epoch += 1
+                    w = [round(float(v), 4) for v in teacher.fusion_weights.detach()]
+                    self.log.add({"phase": "fusion", "epoch": epoch, **losses, "fusion_weights": " ".join(map(str, w))})
+                    self._save(state())
+                sel["teacher_score"] = self.val_score(teacher)
+                save_model(teacher, self.run_dir / "teacher.safetensors", input_size=cfg.input_size,
+                           role="teacher", val_score=sel["teacher_score"])
+                _say(f"teacher: fusion weights {[round(float(v), 3) for v in teacher.fusion_weights.detach()]}, "
+                     f"val {sel['teacher_score']:.4f} -> {self.run_dir / 'teacher.safetensors'}", self.progress)
+                phase, epoch, opt = ("distill" if self.last_phase == "distill" else "done"), 0, None
+                self._save(state())
+
+            # ---------------- stage 2: iterative fusion-knowledge distillation
+            if phase == "distill":
+                freeze(teacher)
+                if sel["teacher_score"] is None:
+                    sel["teacher_score"] = self.val_score(teacher)
+                if student is None:
+                    student = self._new_model(1)
+                opt = student_optimizer(student, cfg.lr, cfg.weight_decay)
+                if self.resume and st.get("optimizer") is not None and st["phase"] == "distill":
+                    opt.load_state_dict(st["optimizer"])
+                while epoch < cfg.distill_epochs:
+                    step = make_distill_step(student, teacher, opt, self.device, cfg.amp, cfg.wce_scale)
+                    t0 = time.perf_counter()
+                    losses = run_epoch(step, self.loader, self.device, self.augment,
+                                       f"distill {epoch + 1}/{cfg.distill_epochs}", self.progress)
+                    epoch += 1
+                    row = {"phase": "distill", "epoch": epoch, "cycle": sel["swaps"], **losses}
+                    if epoch % cfg.swap_every == 0 or epoch == cfg.distill_epochs:
+                        s_score = self.val_score(student)
+                        row.update(val_teacher=sel["teacher_score"], val_student=s_score, swapped=False)
+                        if sel["student_best"] is None or s_score > sel["student_best"]["score"]:
+                            sel["student_best"] = {"score": s_score, "epoch": epoch,
+                                                   "state": copy.deepcopy(student.state_dict())}
+                        if s_score > sel["teacher_score"] and epoch < cfg.distill_epochs:
+                            swap_roles(teacher, student)
+                            sel["teacher_score"] = s_score
+                            sel["swaps"] += 1
+                            row["swapped"] = True
+                            opt = student_optimizer(student, cfg.lr, cfg.weight_decay)
+                        _say(f"distill epoch {epoch}/{cfg.distill_epochs}  loss {losses['loss']:.4f}  "
+                             f"val teacher {row['val_teacher']:.4f} student {s_score:.4f}"
+                             f"{'  -> swap' if row['swapped'] else ''}", self.progress)
+                    row["seconds"] = round(time.perf_counter() - t0, 3)
+                    self.log.add(row)
+                    self._save(state())
+                if sel["student_best"] is not None:
+                    student.load_state_dict(sel["student_best"]["state"])
+                    save_model(student, self.run_dir / "student.safetensors", input_size=cfg.input_size,
+                               role="student", val_score=sel["student_best"]["score"])
+                phase, epoch, opt = "done", 0, None
+                self._save(state())
+        finally:
+            self.log.close()
+
+        return self.finish(sel, timer())
+
+    def finish(self, sel: dict, seconds: float) -> dict:
+        """Pick the model for `predict` on validation, evaluate on test, write results.json."""
+        cfg = self.cfg
+        candidates = []
+        if (self.run_dir / "teacher.safetensors").is_file():
+            candidates.append(("teacher", self.run_dir / "teacher.safetensors"))
+        if (self.run_dir / "student.safetensors").is_file():
+            candidates.append(("student", self.run_dir / "student.safetensors"))
+        results = {"ikdmil": __version__, "run_dir": str(self.run_dir), "device": str(self.device),
+                   "host": platform.node(), "seconds": round(seconds, 1), "swaps": sel.get("swaps", 0),
+                   "selection_metric": "val F1" if self.val_has_masks else "val -MIL loss",
+                   "models": {}}
+        test_arrays = None
+        if self.test_samples:
+            test_arrays = build_cache(self.test_samples, cfg.input_size, cfg.cache_dir or None, self.progress,
+                                      "caching test")
+        best = None
+        for role, path in candidates:
+            model, meta = load_model(path, self.device)
+            entry = {"file": path.name, "val_score": meta.get("val_score")}
+            if test_arrays is not None:
+                summary, _, _ = evaluate_model(model, test_arrays, self.device, cfg.eval_sigma, cfg.threshold,
+                                               cfg.batch_size * 2, cfg.amp, self.progress, f"test {role}")
+                entry["test"] = summary
+            results["models"][role] = entry
+            if best is None or (meta.get("val_score") or -1e9) > (results["models"][best]["val_score"] or -1e9):
+                best = role
+        if best is not None:
+            src = self.run_dir / results["models"][best]["file"]
+            model, meta = load_model(src, self.device)
+            save_model(model, self.run_dir / "model.safetensors", **{k: v for k, v in meta.items()
+                                                                  if k not in ("format", "backbone")})
+            results["selected"] = best
+        write_text(self.run_dir / "results.json", json.dumps(results, indent=2))
+        return results

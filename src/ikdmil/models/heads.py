@@ -1,0 +1,66 @@
+"""The model contract shared by every backbone: side maps + fused map.
+
+A backbone is any `nn.Module` with a class attribute/property `out_channels` (one entry per side
+output) whose forward maps a normalised (B,3,H,W) tensor to a list of feature maps, one per side, at
+any stride. `MILSegmenter` adds the rest of the method: ImageNet normalisation, a 1x1 conv side head
+per feature map, bilinear upsampling to the input size, sigmoid, and the learnable fusion
+`f_w = sum_i w_i f_i` with `w = softmax(fusion_logits)` (non-negative, sums to one, so the fused map
+stays a probability). Losses, engine, metrics and inference only ever see `MILOutput`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class MILOutput:
+    """Side maps and fused map, each (B,1,H,W) probabilities at the input size."""
+
+    sides: list[torch.Tensor]
+    fused: torch.Tensor
+
+    def all_maps(self) -> list[torch.Tensor]:
+        return [*self.sides, self.fused]
+
+
+class MILSegmenter(nn.Module):
+    """Backbone + side heads + weighted fusion; input is RGB in [0,1] (float) or uint8."""
+
+    def __init__(self, backbone: nn.Module, name: str):
+        super().__init__()
+        self.name = name
+        self.backbone = backbone
+        self.side_heads = nn.ModuleList(nn.Conv2d(c, 1, kernel_size=1) for c in backbone.out_channels)
+        self.fusion_logits = nn.Parameter(torch.zeros(len(backbone.out_channels)))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def fusion_weights(self) -> torch.Tensor:
+        return torch.softmax(self.fusion_logits, dim=0)
+
+    def side_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Side logits upsampled to the input size (before the sigmoid)."""
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        size = x.shape[-2:]
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        feats = self.backbone(x)
+        return [
+            F.interpolate(head(f), size=size, mode="bilinear", align_corners=False)
+            for head, f in zip(self.side_heads, feats)
+        ]
+
+    def forward(self, x: torch.Tensor) -> MILOutput:
+        sides = [torch.sigmoid(s) for s in self.side_logits(x)]
+        w = self.fusion_weights.to(sides[0].dtype)
+        fused = sum(wi * s for wi, s in zip(w, sides))
+        return MILOutput(sides=sides, fused=fused)

@@ -1,0 +1,263 @@
+"""Metrics on hand-made masks; every expected value is worked out by hand in the comments."""
+
+import math
+
+import numpy as np
+import pytest
+
+from ikdmil.metrics import binary_f1_iou, hausdorff, patch_scores, smooth_probability, summarize
+
+
+def _square(shape, r0, r1, c0, c1):
+    m = np.zeros(shape, dtype=bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+# ---------------------------------------------------------------- F1 / IoU
+
+
+def test_f1_iou_partial_overlap():
+    # truth rows 2-5 x cols 2-5 (16 px), pred rows 2-5 x cols 4-7 (16 px); overlap cols 4-5 = 8 px.
+    # tp=8 fp=8 fn=8 -> F1 = 16/32 = 0.5, IoU = 8/24 = 1/3
+    truth = _square((10, 10), 2, 6, 2, 6)
+    pred = _square((10, 10), 2, 6, 4, 8)
+    f1, iou = binary_f1_iou(pred, truth)
+    assert f1 == pytest.approx(0.5)
+    assert iou == pytest.approx(1 / 3)
+
+
+def test_f1_iou_subset():
+    # pred 2x2 inside truth 4x2: tp=4 fp=0 fn=4 -> F1 = 8/12, IoU = 4/8
+    truth = _square((6, 6), 0, 4, 0, 2)
+    pred = _square((6, 6), 0, 2, 0, 2)
+    f1, iou = binary_f1_iou(pred, truth)
+    assert f1 == pytest.approx(2 / 3)
+    assert iou == pytest.approx(0.5)
+
+
+def test_f1_iou_perfect_and_disjoint():
+    a = _square((5, 5), 1, 3, 1, 3)
+    assert binary_f1_iou(a, a) == (1.0, 1.0)
+    b = _square((5, 5), 4, 5, 4, 5)
+    assert binary_f1_iou(a, b) == (0.0, 0.0)
+
+
+def test_f1_iou_empty_prediction():
+    truth = _square((5, 5), 0, 2, 0, 2)
+    assert binary_f1_iou(np.zeros((5, 5), bool), truth) == (0.0, 0.0)
+
+
+def test_f1_iou_empty_truth():
+    pred = _square((5, 5), 0, 2, 0, 2)
+    assert binary_f1_iou(pred, np.zeros((5, 5), bool)) == (0.0, 0.0)
+
+
+def test_f1_iou_both_empty():
+    z = np.zeros((5, 5), bool)
+    assert binary_f1_iou(z, z) == (1.0, 1.0)
+
+
+def test_f1_iou_accepts_01_ints_and_rejects_probabilities():
+    truth = _square((4, 4), 0, 2, 0, 2)
+    assert binary_f1_iou(truth.astype(np.uint8), truth) == (1.0, 1.0)
+    with pytest.raises(ValueError):
+        binary_f1_iou(truth.astype(np.float32) * 0.7, truth)
+    with pytest.raises(ValueError):
+        binary_f1_iou(truth.astype(np.uint8) * 255, truth)
+    with pytest.raises(ValueError):
+        binary_f1_iou(truth, truth[:3])
+
+
+# ---------------------------------------------------------------- Hausdorff
+
+
+def test_hausdorff_two_single_points():
+    # (0,0) vs (3,4): distance sqrt(9+16) = 5 in both directions
+    a = np.zeros((8, 8), bool)
+    b = np.zeros((8, 8), bool)
+    a[0, 0] = True
+    b[3, 4] = True
+    assert hausdorff(a, b) == (pytest.approx(5.0), pytest.approx(5.0))
+
+
+def test_hausdorff_two_small_squares():
+    # 2x2 squares at cols 0-1 and cols 5-6 (rows 0-1); every pixel is a boundary pixel.
+    # a->b: (r,0) -> 5, (r,1) -> 4; max 5. Symmetric. Sorted directed [4,4,5,5]: p95 at index
+    # 0.95*3 = 2.85 -> 5.
+    a = _square((4, 8), 0, 2, 0, 2)
+    b = _square((4, 8), 0, 2, 5, 7)
+    hd, hd95 = hausdorff(a, b)
+    assert hd == pytest.approx(5.0)
+    assert hd95 == pytest.approx(5.0)
+
+
+def test_hausdorff_overlapping_squares():
+    # truth ring: rows 2,5 cols 2-5 and (3,2),(4,2),(3,5),(4,5); pred ring shifted 2 columns.
+    # truth->pred distances: col-2 pixels 2 (x4), (2,3),(5,3),(3,5),(4,5) 1, (2,4),(2,5),(5,4),(5,5) 0
+    # -> max 2, p95 of sorted [0,0,0,0,1,1,1,1,2,2,2,2] at index 10.45 -> 2. Symmetric for pred.
+    truth = _square((10, 10), 2, 6, 2, 6)
+    pred = _square((10, 10), 2, 6, 4, 8)
+    hd, hd95 = hausdorff(pred, truth)
+    assert hd == pytest.approx(2.0)
+    assert hd95 == pytest.approx(2.0)
+
+
+def test_hd95_differs_from_hd_with_one_outlier():
+    # truth: row 0, cols 0-39 (40 px). pred: row 1, cols 0-39 plus an outlier at (21, 0).
+    # pred->truth: 40 distances of 1 and the outlier's 21 (nearest truth pixel (0,0)).
+    # 41 values, p95 at index 0.95*40 = 38 -> 1. truth->pred: all 1.  HD = 21, HD95 = 1.
+    truth = np.zeros((30, 40), bool)
+    truth[0, :] = True
+    pred = np.zeros((30, 40), bool)
+    pred[1, :] = True
+    pred[21, 0] = True
+    hd, hd95 = hausdorff(pred, truth)
+    assert hd == pytest.approx(21.0)
+    assert hd95 == pytest.approx(1.0)
+    assert hausdorff(truth, pred) == (pytest.approx(21.0), pytest.approx(1.0))  # symmetric
+
+
+def test_hausdorff_identical_is_zero():
+    a = _square((9, 9), 2, 7, 1, 5)
+    assert hausdorff(a, a) == (0.0, 0.0)
+
+
+def test_hausdorff_empty_conventions():
+    z = np.zeros((10, 10), bool)
+    a = _square((10, 10), 3, 5, 3, 5)
+    diag = math.sqrt(9**2 + 9**2)  # pixel (0,0) to pixel (9,9)
+    assert hausdorff(z, z) == (0.0, 0.0)
+    assert hausdorff(z, a) == (pytest.approx(diag), pytest.approx(diag))  # empty prediction
+    assert hausdorff(a, z) == (pytest.approx(diag), pytest.approx(diag))  # empty truth
+
+
+def test_hausdorff_uses_exact_euclidean_distances():
+    # (0,0) vs (1,1): sqrt(2), not 1 (chessboard) or 2 (taxicab)
+    a = np.zeros((3, 3), bool)
+    b = np.zeros((3, 3), bool)
+    a[0, 0] = True
+    b[1, 1] = True
+    assert hausdorff(a, b)[0] == pytest.approx(math.sqrt(2))
+
+
+# ---------------------------------------------------------------- smoothing
+
+
+def test_smoothing_sigma_zero_is_identity():
+    rng = np.random.default_rng(0)
+    p = rng.random((7, 9)).astype(np.float32)
+    out = smooth_probability(p, 0)
+    assert out.dtype == p.dtype
+    assert np.array_equal(out, p)
+    assert out is not p
+
+
+def test_smoothing_removes_isolated_speck_but_keeps_blob():
+    p = np.zeros((41, 41), np.float32)
+    p[5, 5] = 1.0  # isolated one-pixel speck
+    p[15:35, 15:35] = 1.0  # 20x20 tumour blob
+    assert (p > 0.5)[5, 5]
+    m = smooth_probability(p, 3) > 0.5
+    assert not m[0:11, 0:11].any()  # speck gone (peak ~ 1 / (2 pi 9) ~ 0.018)
+    assert m[25, 25]  # blob centre survives
+
+
+def test_smoothing_batch_is_per_image():
+    rng = np.random.default_rng(1)
+    batch = rng.random((3, 16, 16))
+    out = smooth_probability(batch, 2.0)
+    assert out.shape == batch.shape
+    for i in range(3):
+        np.testing.assert_allclose(out[i], smooth_probability(batch[i], 2.0))
+
+
+def test_smoothing_rejects_bad_input():
+    with pytest.raises(ValueError):
+        smooth_probability(np.zeros((4, 4)), -1)
+    with pytest.raises(ValueError):
+        smooth_probability(np.zeros(4), 1)
+
+
+# ---------------------------------------------------------------- patch scores / summary
+
+
+def test_patch_scores_positive():
+    truth = _square((10, 10), 2, 6, 2, 6)
+    pred = _square((10, 10), 2, 6, 4, 8)
+    s = patch_scores(pred, truth, 1)
+    assert s["label"] == 1
+    assert s["f1"] == pytest.approx(0.5)
+    assert s["iou"] == pytest.approx(1 / 3)
+    assert s["hd"] == pytest.approx(2.0)
+    assert s["hd95"] == pytest.approx(2.0)
+
+
+def test_patch_scores_positive_empty_prediction():
+    truth = _square((10, 10), 2, 6, 2, 6)
+    s = patch_scores(np.zeros((10, 10), bool), truth, 1)
+    assert (s["f1"], s["iou"]) == (0.0, 0.0)
+    assert s["hd"] == pytest.approx(9 * math.sqrt(2))
+    assert s["hd95"] == pytest.approx(9 * math.sqrt(2))
+
+
+def test_patch_scores_negative_with_false_positives():
+    # 10x10 = 100 px, 5 predicted tumour. Background class: tp = 95, fn = 5, fp = 0.
+    # F1 = 2*95 / (2*95 + 5) = 190/195 = 38/39; IoU = 95/100.
+    pred = np.zeros((10, 10), bool)
+    pred[0, :5] = True
+    s = patch_scores(pred, None, 0)
+    assert s["f1"] == pytest.approx(38 / 39)
+    assert s["iou"] == pytest.approx(0.95)
+    assert s["hd"] is None and s["hd95"] is None
+    assert s["label"] == 0
+
+
+def test_patch_scores_negative_ignores_given_mask():
+    pred = np.zeros((10, 10), bool)
+    pred[0, :5] = True
+    bogus = np.ones((10, 10), bool)
+    assert patch_scores(pred, bogus, 0) == patch_scores(pred, None, 0)
+
+
+def test_patch_scores_negative_clean_and_all_tumour():
+    assert patch_scores(np.zeros((4, 4), bool), None, 0)["f1"] == 1.0
+    s = patch_scores(np.ones((4, 4), bool), None, 0)
+    assert (s["f1"], s["iou"]) == (0.0, 0.0)
+
+
+def test_patch_scores_argument_errors():
+    with pytest.raises(ValueError):
+        patch_scores(np.zeros((4, 4), bool), None, 1)
+    with pytest.raises(ValueError):
+        patch_scores(np.zeros((4, 4), bool), None, 2)
+
+
+def test_summarize_mixed_list():
+    scores = [
+        {"f1": 0.5, "iou": 1 / 3, "hd": 2.0, "hd95": 2.0, "label": 1},
+        {"f1": 1.0, "iou": 1.0, "hd": 0.0, "hd95": 0.0, "label": 1},
+        {"f1": 38 / 39, "iou": 0.95, "hd": None, "hd95": None, "label": 0},
+    ]
+    s = summarize(scores)
+    assert (s["n"], s["n_pos"], s["n_neg"]) == (3, 2, 1)
+    assert s["f1"] == pytest.approx((0.5 + 1.0 + 38 / 39) / 3)
+    assert s["iou"] == pytest.approx((1 / 3 + 1.0 + 0.95) / 3)
+    assert s["f1_pos"] == pytest.approx(0.75)
+    assert s["iou_pos"] == pytest.approx((1 / 3 + 1.0) / 2)
+    assert s["f1_neg"] == pytest.approx(38 / 39)
+    assert s["iou_neg"] == pytest.approx(0.95)
+    assert s["hd"] == pytest.approx(1.0)
+    assert s["hd95"] == pytest.approx(1.0)
+    assert all(isinstance(v, (int, float)) for v in s.values())
+
+
+def test_summarize_absent_classes():
+    only_neg = summarize([{"f1": 1.0, "iou": 1.0, "hd": None, "hd95": None, "label": 0}])
+    assert only_neg["f1_pos"] is None and only_neg["iou_pos"] is None
+    assert only_neg["hd"] is None and only_neg["hd95"] is None
+    assert only_neg["f1_neg"] == 1.0
+    only_pos = summarize([{"f1": 0.5, "iou": 0.25, "hd": 3.0, "hd95": 2.0, "label": 1}])
+    assert only_pos["f1_neg"] is None and only_pos["iou_neg"] is None
+    empty = summarize([])
+    assert empty["n"] == 0 and empty["f1"] is None and empty["hd"] is None
