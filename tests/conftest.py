@@ -17,3 +17,24 @@ def glas_dir() -> Path:
     if not (path / "index.csv").is_file():
         pytest.skip(f"real GlaS data not found at {path}; set IKDMIL_SHARED")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory) -> Path:
+    """A 12-image synthetic dataset at 32 px in the folder layout (all splits, both classes)."""
+    from ikdmil.data.synth import make_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    make_synthetic_dataset(out, n=12, seed=3, size=32, progress=False)
+    return out
+
+
+def tiny_config(data: Path, out: Path, **overrides):
+    """A RunConfig small enough for a test: 32 px, random init, two tiny epochs per phase."""
+    from ikdmil.config import RunConfig
+
+    base = dict(data=str(data), out=str(out), input_size=32, batch_size=4, pretrained="none",
+                teacher_epochs=2, fusion_epochs=1, distill_epochs=2, swap_every=1, lr=1e-3,
+                eval_sigma=0.0, cache_dir=str(out.parent / "cache"))
+    base.update(overrides)
+    return RunConfig(**base)

@@ -339,10 +339,10 @@ def synth_image(
     Hn, En, Wn = H.copy(), E.copy(), white.copy()
     nuc = _Nuclei()
     if has_normal:
-        _glands(rng, S, mask, Hn, En, Wn, nuc, cover=rng.choice([0.0, rng.uniform(0.12, 0.45)], p=[0.15, 0.85]))
+        _glands(rng, S, mask, Hn, En, Wn, nuc, cover=rng.choice([0.0, rng.uniform(0.2, 0.55)], p=[0.1, 0.9]))
         free = normal & (Wn < 0.3)
         # lymphocytes: small, round, dark
-        n = rng.poisson(area * rng.uniform(0.0006, 0.0022))
+        n = rng.poisson(area * rng.uniform(0.0008, 0.003))
         y, x = _sample_points(rng, free, n)
         r = rng.normal(2.5, 0.2, len(y))
         nuc.add(y, x, r, r * rng.uniform(0.9, 1.0, len(y)), rng.uniform(0, math.pi, len(y)), rng.normal(1.35, 0.08, len(y)))
@@ -358,11 +358,11 @@ def synth_image(
             rng.normal(1.0, 0.08, len(y)),
         )
         # sometimes a dense lymphoid aggregate: dark, crowded, but small and round and benign
-        if rng.random() < 0.3:
+        if rng.random() < 0.4 and normal.mean() > 0.35:  # needs room; a sliver stays ordinary tissue
             ay, ax = _sample_points(rng, free, 1)
             if len(ay):
-                rad = rng.uniform(14, 32)
-                n = int(math.pi * rad * rad * 0.05)
+                rad = rng.uniform(16, 40)
+                n = int(math.pi * rad * rad * 0.06)
                 d = rad * np.sqrt(rng.random(n))
                 t = rng.uniform(0, 2 * math.pi, n)
                 y, x = ay[0] + d * np.sin(t), ax[0] + d * np.cos(t)
@@ -388,15 +388,15 @@ def synth_image(
     # ---- tumour tissue (only drawn where the mask is True)
     if has_tumour:
         tl = _noise(rng, S, rng.uniform(10, 25))
-        Et = np.clip(rng.uniform(0.26, 0.36) * (1.0 + 0.15 * tl), 0.02, None).astype(np.float32)
-        Ht = np.clip(rng.uniform(0.13, 0.2) * (1.0 + 0.2 * tl), 0.0, None).astype(np.float32)
+        Et = np.clip(rng.uniform(0.22, 0.32) * (1.0 + 0.15 * tl), 0.02, None).astype(np.float32)
+        Ht = np.clip(rng.uniform(0.1, 0.15) * (1.0 + 0.2 * tl), 0.0, None).astype(np.float32)
         # thin strands of stroma running through the sheets
         strand = np.clip(1.0 - np.abs(_noise(rng, S, rng.uniform(20, 40))) * rng.uniform(2.5, 5.0), 0, 1)
         Et = Et * (1 - strand) + E * strand
         Ht = Ht * (1 - strand) + H * strand
         Wt = np.zeros(shape, np.float32)
         # cribriform holes / gland remnants punched into the sheets
-        n_holes = rng.poisson(float(mask.sum()) / 2500.0 * rng.uniform(0.0, 1.2))
+        n_holes = rng.poisson(float(mask.sum()) / 2000.0 * rng.uniform(0.2, 1.5))
         hy, hx = _sample_points(rng, mask, n_holes)
         if len(hy):
             hr = rng.uniform(2.5, 8.0, len(hy))
@@ -406,7 +406,7 @@ def synth_image(
         Ht = Ht * (1 - Wt)
         Et = Et * (1 - Wt)
         # crowded, large, pleomorphic, hyperchromatic nuclei in random orientations
-        cover = rng.uniform(0.45, 0.75)
+        cover = rng.uniform(0.35, 0.55)
         mean_area = math.pi * 5.6 * 4.0
         n = int(rng.poisson(float(mask.sum()) * cover / mean_area))
         y, x = _sample_points(rng, mask & (Wt < 0.3), n)
@@ -416,8 +416,8 @@ def synth_image(
         irr = np.stack(
             [rng.uniform(0, 0.14, n), rng.uniform(0, 0.1, n), rng.uniform(0, 6.3, n), rng.uniform(0, 6.3, n)], 1
         )
-        dn = np.clip(rng.normal(1.3, 0.22, n), 0.85, 2.0)
-        dsum, csum = _stamp(shape, y, x, a, b, rng.uniform(0, math.pi, n), dn, irr, rim=0.25)
+        dn = np.clip(rng.normal(1.15, 0.2, n), 0.8, 1.8)
+        dsum, csum = _stamp(shape, y, x, a, b, rng.uniform(0, math.pi, n), dn, irr, rim=0.3)
         # prominent nucleoli in some nuclei
         sel = rng.random(n) < 0.4
         if sel.any():
@@ -444,16 +444,16 @@ def synth_image(
     od_h = _unit(np.abs(OD_HAEMATOXYLIN / np.linalg.norm(OD_HAEMATOXYLIN) + rng.normal(0, 0.07, 3)) + 0.01)
     od_e = _unit(np.abs(OD_EOSIN / np.linalg.norm(OD_EOSIN) + rng.normal(0, 0.07, 3)) + 0.01)
     od_r = _unit(np.abs(np.cross(od_h, od_e)) + 0.05)
-    thick = rng.lognormal(0.0, 0.15)
-    s_h = thick * rng.lognormal(0.0, 0.2)
-    s_e = thick * rng.lognormal(0.0, 0.25)
+    thick = float(np.clip(rng.lognormal(0.0, 0.25), 0.6, 1.7))
+    s_h = thick * float(np.clip(rng.lognormal(0.0, 0.3), 0.55, 1.8))
+    s_e = thick * float(np.clip(rng.lognormal(0.0, 0.3), 0.5, 2.0))
     resid = np.clip(0.03 + 0.03 * low, 0, None) * rng.uniform(0.0, 1.5)
     od = (
         (s_h * H)[..., None] * od_h.astype(np.float32)
         + (s_e * E)[..., None] * od_e.astype(np.float32)
         + resid[..., None] * od_r.astype(np.float32)
     )
-    i0 = rng.uniform(218.0, 252.0) * (1.0 + rng.normal(0, 0.015, 3))
+    i0 = rng.uniform(195.0, 252.0) * (1.0 + rng.normal(0, 0.02, 3))
     rgb = np.exp(-od) * i0.astype(np.float32)
     rgb += rng.standard_normal(rgb.shape, dtype=np.float32) * np.float32(rng.uniform(1.0, 3.0))
     return np.clip(rgb + 0.5, 0, 255).astype(np.uint8), mask

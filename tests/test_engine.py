@@ -1,0 +1,161 @@
+"""Stage 1, fusion fit, stage 2 swap policy, resume, and selection on the validation split."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from ikdmil.engine.distill import freeze, make_distill_step, student_optimizer, swap_roles
+from ikdmil.engine.pipeline import Pipeline
+from ikdmil.engine.teacher import fusion_optimizer, make_fusion_step, make_teacher_step, teacher_optimizer
+from ikdmil.errors import IkdmilError
+from ikdmil.losses import mil_loss
+from ikdmil.models import create_model
+
+
+def _models(seed_a=0, seed_b=1):
+    torch.manual_seed(seed_a)
+    a, _ = create_model("vgg16", pretrained="none")
+    torch.manual_seed(seed_b)
+    b, _ = create_model("vgg16", pretrained="none")
+    return a, b
+
+
+def test_swap_exchanges_weights_without_aliasing():
+    teacher, student = _models()
+    freeze(teacher)
+    t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    s_before = {k: v.clone() for k, v in student.state_dict().items()}
+    swap_roles(teacher, student)
+    for k in t_before:
+        assert torch.equal(teacher.state_dict()[k], s_before[k]), k
+        assert torch.equal(student.state_dict()[k], t_before[k]), k
+    assert any(not torch.equal(teacher.state_dict()[k], student.state_dict()[k]) for k in t_before)
+    # training the new student must not move the new teacher (no shared storage)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    for k in t_before:
+        assert torch.equal(teacher.state_dict()[k], s_before[k]), k
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in student.parameters())
+    assert not teacher.training and student.training
+
+
+def test_teacher_steps_reduce_the_mil_loss_and_keep_fusion_uniform():
+    torch.manual_seed(0)
+    model, _ = create_model("vgg16", pretrained="none")
+    x = torch.rand(4, 3, 32, 32)
+    y = torch.tensor([1, 0, 1, 0])
+    opt = teacher_optimizer(model, lr=1e-3, weight_decay=0.0)
+    step = make_teacher_step(model, opt, torch.device("cpu"), amp=False)
+    losses = [step(x, y)["loss"] for _ in range(8)]
+    assert losses[-1] < losses[0]
+    assert torch.equal(model.fusion_logits.detach(), torch.zeros(3))
+
+
+def test_fusion_fit_moves_only_the_fusion_weights():
+    torch.manual_seed(0)
+    model, _ = create_model("vgg16", pretrained="none")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = fusion_optimizer(model, lr=0.1)
+    step = make_fusion_step(model, opt, torch.device("cpu"), amp=False)
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([1, 0, 1, 0])
+    for _ in range(5):
+        step(x, y)
+    after = model.state_dict()
+    assert not torch.equal(after["fusion_logits"], before["fusion_logits"])
+    for k in before:
+        if k != "fusion_logits":
+            assert torch.equal(after[k], before[k]), k
+    assert float(model.fusion_weights.detach().sum()) == pytest.approx(1.0)
+
+
+def test_distill_step_leaves_the_teacher_untouched():
+    teacher, student = _models()
+    freeze(teacher)
+    t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    opt = student_optimizer(student, 1e-3, 0.0)
+    step = make_distill_step(student, teacher, opt, torch.device("cpu"), amp=False, wce_scale=0.25)
+    parts = step(torch.rand(4, 3, 32, 32), torch.tensor([1, 0, 1, 0]))
+    assert parts["loss"] == pytest.approx(parts["kd"] + 0.25 * parts["wce"], rel=1e-5)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, t_before[k]), k  # BN running stats too: the teacher runs in eval mode
+
+
+def test_full_run_writes_outputs_and_selects_on_validation(tiny_synth, tmp_path):
+    cfg = tiny_config(tiny_synth, tmp_path / "run")
+    results = Pipeline(cfg, progress=False).run()
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.csv", "checkpoint.pt", "teacher.safetensors", "student.safetensors",
+                 "model.safetensors", "results.json"):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["selected"] in ("teacher", "student")
+    vals = {r: e["val_score"] for r, e in saved["models"].items()}
+    assert vals[saved["selected"]] == max(vals.values())  # chosen on validation, never on test
+    assert set(saved["models"]["student"]["test"]) >= {"f1", "iou", "hd", "hd95", "f1_pos", "f1_neg"}
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("phase,epoch")
+    assert len(rows) == 1 + cfg.teacher_epochs + cfg.fusion_epochs + cfg.distill_epochs
+    assert results["models"].keys() == saved["models"].keys()
+
+
+def test_existing_run_needs_resume(tiny_synth, tmp_path):
+    cfg = tiny_config(tiny_synth, tmp_path / "run", teacher_epochs=1, fusion_epochs=0, distill_epochs=0)
+    Pipeline(cfg, progress=False, last_phase="fusion").run()
+    with pytest.raises(IkdmilError, match="--resume"):
+        Pipeline(cfg, progress=False)
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("crash_at", [("teacher", 1), ("distill", 1)])
+def test_resume_continues_exactly_where_it_stopped(tiny_synth, tmp_path, crash_at):
+    straight = Pipeline(tiny_config(tiny_synth, tmp_path / "a"), progress=False)
+    straight.run()
+
+    cfg_b = tiny_config(tiny_synth, tmp_path / "b")
+    interrupted = Pipeline(cfg_b, progress=False)
+
+    def crash(phase, epoch):
+        if (phase, epoch) == crash_at:
+            raise Crash
+
+    interrupted.epoch_hooks.append(crash)
+    with pytest.raises(Crash):
+        interrupted.run()
+    assert not (tmp_path / "b" / "results.json").exists()
+    Pipeline(cfg_b, resume=True, progress=False).run()
+
+    a = load_file(str(tmp_path / "a" / "student.safetensors"))
+    b = load_file(str(tmp_path / "b" / "student.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    ra = json.loads((tmp_path / "a" / "results.json").read_text())
+    rb = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert ra["swaps"] == rb["swaps"]
+    assert ra["models"]["student"]["val_score"] == pytest.approx(rb["models"]["student"]["val_score"], abs=1e-6)
+
+
+def test_validation_without_masks_falls_back_to_mil_loss(tiny_synth, tmp_path):
+    from ikdmil.data.manifest import Sample, load_samples, write_manifest
+
+    samples = load_samples(tiny_synth)
+    stripped = [Sample(s.image, s.label, None if s.split == "val" else s.mask, s.split) for s in samples]
+    manifest = write_manifest(stripped, tmp_path / "nomask" / "manifest.csv")
+    cfg = tiny_config(manifest, tmp_path / "run", teacher_epochs=1, distill_epochs=1)
+    pipe = Pipeline(cfg, progress=False)
+    assert not pipe.val_has_masks
+    results = pipe.run()
+    assert results["selection_metric"] == "val -MIL loss"
+    assert results["models"]["teacher"]["val_score"] <= 0.0
+
+
+def test_mil_loss_value_used_by_fallback_is_finite():
+    out = create_model("vgg16", pretrained="none")[0](torch.rand(2, 3, 32, 32))
+    assert torch.isfinite(mil_loss(out, torch.tensor([1, 0])))
