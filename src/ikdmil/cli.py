@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except IkdmilError as exc:
-        print(f"ikdmil: error: {exc}", file=sys.stderr)
+        print("ikdmil: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ikdmil: interrupted; continue a training run with --resume", file=sys.stderr)

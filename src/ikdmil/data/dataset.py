@@ -2,13 +2,18 @@
 
 Every image is decoded and resized once into one uint8 array file per (samples, size), keyed by the
 samples' content (paths, labels, sizes, mtimes), so epochs never decode PNG/JPEG again and a changed
-dataset never reuses a stale cache. Arrays are memory-mapped, so a dataset larger than RAM still works.
+dataset never reuses a stale cache. Arrays are memory-mapped (also while they are built), so a dataset
+larger than RAM still works. An entry is built in a hidden temporary folder and renamed into place only
+once complete: an unreadable image, a bad mask or an interruption leaves no entry behind.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +23,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ikdmil.data.io import atomic_path, read_mask, read_rgb
+from ikdmil.data.io import read_mask, read_rgb
 from ikdmil.data.manifest import Sample, samples_digest
+from ikdmil.errors import IkdmilError
 
 
 def default_cache_dir() -> Path:
@@ -62,38 +68,109 @@ class CachedArrays:
     has_mask: np.ndarray  # (N,) bool
 
 
+CACHE_FILES = ("images.npy", "masks.npy", "labels.npy", "has_mask.npy", "meta.json")
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in CACHE_FILES)
+
+
 def build_cache(
     samples: list[Sample], size: int, cache_dir: str | os.PathLike | None = None, progress: bool = True,
     desc: str = "caching",
 ) -> CachedArrays:
-    """Decode + resize `samples` once (threads) into `cache_dir/<digest>-<size>/`; reuse when present."""
+    """Decode + resize `samples` once (threads) into `cache_dir/<digest>-<size>/`; reuse when present.
+
+    The entry is built in a hidden temporary folder next to it and renamed into place only when every
+    image has decoded and every file is written, so a bad image (or an interruption) leaves no entry.
+    """
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     key = f"{samples_digest(samples)}-{size}"
     folder = cache_dir / key
-    meta_path = folder / "meta.json"
-    if not meta_path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        n = len(samples)
-        images = np.empty((n, size, size, 3), np.uint8)
-        masks = np.empty((n, size, size), bool)
-        has_mask = np.empty(n, bool)
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            results = pool.map(lambda s: load_sample(s, size), samples)
-            for i, (img, mask, hm) in enumerate(tqdm(results, total=n, desc=desc, disable=not progress, leave=False)):
-                images[i], masks[i], has_mask[i] = img, mask, hm
-        labels = np.array([s.label for s in samples], np.int64)
-        for name, arr in (("images", images), ("masks", masks), ("labels", labels), ("has_mask", has_mask)):
-            with atomic_path(folder / f"{name}.npy") as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, arr)
-        with atomic_path(meta_path) as tmp:
-            tmp.write_text(json.dumps({"n": n, "size": size, "images": [str(s.image) for s in samples]}))
+    if not _complete(folder):
+        _build_entry(samples, size, cache_dir, folder, progress, desc)
     return CachedArrays(
         images=np.load(folder / "images.npy", mmap_mode="r"),
         masks=np.load(folder / "masks.npy", mmap_mode="r"),
         labels=np.load(folder / "labels.npy"),
         has_mask=np.load(folder / "has_mask.npy"),
     )
+
+
+def _write_error(where: Path, exc: OSError) -> IkdmilError:
+    return IkdmilError(
+        f"{where}: cannot write the preprocessing cache ({' '.join(str(exc).split())}); free disk space or "
+        "pass a writable --cache-dir"
+    )
+
+
+def _load_checked(sample: Sample, size: int):
+    try:
+        return load_sample(sample, size)
+    except OSError as exc:  # not a cache-write problem: name the image
+        raise IkdmilError(
+            f"{sample.image}: cannot read ({' '.join(str(exc).split())}); check the file or remove it from the dataset"
+        ) from None
+
+
+def _allocate(path: Path, dtype, shape: tuple) -> np.ndarray:
+    """A writable array stored in `path` (.npy): memory-mapped, so datasets larger than RAM work.
+
+    The file's blocks are reserved up front where the OS can, so a full disk is an OSError here
+    rather than a crash (SIGBUS) while writing through the map.
+    """
+    if not shape[0]:
+        return np.empty(shape, dtype)  # saved with np.save (an empty file cannot be mapped)
+    arr = np.lib.format.open_memmap(path, "w+", dtype, shape)
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as fh:
+            try:
+                os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    raise
+    return arr
+
+
+def _build_entry(samples: list[Sample], size: int, cache_dir: Path, folder: Path, progress: bool, desc: str) -> None:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=cache_dir))
+    except OSError as exc:
+        raise _write_error(cache_dir, exc) from None
+    try:
+        n = len(samples)
+        images = _allocate(tmp / "images.npy", np.uint8, (n, size, size, 3))
+        masks = _allocate(tmp / "masks.npy", np.bool_, (n, size, size))
+        has_mask = np.empty(n, bool)
+        pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+        try:
+            results = pool.map(lambda s: _load_checked(s, size), samples)
+            for i, (img, mask, hm) in enumerate(tqdm(results, total=n, desc=desc, disable=not progress, leave=False)):
+                images[i], masks[i], has_mask[i] = img, mask, hm
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # first bad image: stop, don't decode the rest
+        for name, arr in (("images", images), ("masks", masks)):
+            if isinstance(arr, np.memmap):
+                arr.flush()
+            else:
+                np.save(tmp / f"{name}.npy", arr)
+        del images, masks
+        np.save(tmp / "labels.npy", np.array([s.label for s in samples], np.int64))
+        np.save(tmp / "has_mask.npy", has_mask)
+        (tmp / "meta.json").write_text(json.dumps({"n": n, "size": size, "images": [str(s.image) for s in samples]}))
+        if folder.exists() and not _complete(folder):
+            shutil.rmtree(folder, ignore_errors=True)  # an incomplete entry left by an older version
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not _complete(folder):  # else another process finished the same entry first: use it
+                raise
+    except OSError as exc:
+        raise _write_error(folder, exc) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class PatchDataset(torch.utils.data.Dataset):

@@ -2,16 +2,24 @@
 
 Conversions we do on purpose (documented in the README):
 - grayscale images are replicated to three channels;
-- RGBA / LA images are composited over white (transparent = glass = background);
-- 16-bit images are scaled to 8 bits (value >> 8 for PNG/TIFF that use the full range).
+- RGBA / LA / palette-with-transparency images are composited over white (transparent = glass =
+  background), so a fully transparent pixel becomes (255, 255, 255);
+- 16-bit images are scaled to 8 bits over the full 16-bit range, round(v * 255 / 65535): 65535 -> 255,
+  32896 -> 128, 0 -> 0 (the same for every image, never stretched per image; 16-bit RGB is reduced to
+  its high byte by Pillow, which gives the same values for these examples);
+- 32-bit integer images with values up to 65535 are treated as 16-bit, float images as 0..1 (or
+  0..255 when a value exceeds 1); anything outside those ranges is rejected.
 Masks must hold exactly two values, 0 and 255 or 0 and 1 (a single value is fine); anything else is
 rejected, because guessing a threshold silently changes what the model is scored against.
+
+Every problem is an `IkdmilError` whose one-line message names the file and says what to do.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -57,56 +65,85 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception's text on one line (library messages sometimes span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _open(path: Path) -> Image.Image:
     if not path.exists():
         raise IkdmilError(f"{path}: file not found; check the path in the manifest or folder")
+    if path.is_dir():
+        raise IkdmilError(f"{path}: is a folder, not an image; check the path in the manifest or folder")
     try:
         img = Image.open(path)
         img.load()  # forces a full decode, so truncated files fail here and not mid-epoch
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except PermissionError as exc:
+        raise IkdmilError(f"{path}: cannot open ({_one_line(exc)}); make the file readable") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
         raise IkdmilError(
-            f"{path}: cannot read image ({exc}); the file is truncated or not an image — "
+            f"{path}: cannot read image ({_one_line(exc)}); the file is truncated or not an image: "
             "re-export it or remove it from the dataset"
         ) from None
     return img
 
 
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
+def _to_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
+    """Scale one image's pixels to uint8 with a fixed rule per pixel type (see the module docstring)."""
     if arr.dtype == np.uint8:
         return arr
     if arr.dtype == bool:
         return arr.astype(np.uint8) * 255
-    if arr.dtype in (np.uint16, np.int32, np.uint32, np.int16) or np.issubdtype(arr.dtype, np.integer):
+    if np.issubdtype(arr.dtype, np.integer):
+        lo = int(arr.min()) if arr.size else 0
         hi = int(arr.max()) if arr.size else 0
-        scale = 65535 if hi > 255 else 255
-        return np.clip(arr.astype(np.float64) * 255.0 / scale, 0, 255).round().astype(np.uint8)
+        if arr.dtype.itemsize == 1:  # int8
+            return np.clip(arr, 0, 255).astype(np.uint8)
+        if lo < 0 or hi > 65535:
+            raise IkdmilError(
+                f"{path}: {arr.dtype} pixel values {lo}..{hi} are outside 0..65535; save it as an 8-bit "
+                "(or 16-bit) RGB PNG"
+            )
+        return ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
     if np.issubdtype(arr.dtype, np.floating):
+        finite = np.isfinite(arr).all()
+        lo = float(arr.min()) if arr.size else 0.0
         hi = float(arr.max()) if arr.size else 0.0
+        if not finite or lo < 0 or hi > 255:
+            raise IkdmilError(
+                f"{path}: floating-point pixel values {lo:g}..{hi:g} are not in 0..1 or 0..255; save it as "
+                "an 8-bit RGB PNG"
+            )
         scale = 1.0 if hi <= 1.0 else 255.0
-        return np.clip(arr * 255.0 / scale, 0, 255).round().astype(np.uint8)
-    raise ValueError(f"unsupported pixel type {arr.dtype}")
+        return np.clip(np.rint(arr.astype(np.float64) * 255.0 / scale), 0, 255).astype(np.uint8)
+    raise IkdmilError(f"{path}: unsupported pixel type {arr.dtype}; save it as an 8-bit RGB PNG")
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """Read any common image as uint8 HxWx3 RGB (see the module docstring for conversions)."""
     path = Path(path)
     img = _open(path)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba).convert("RGB")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = _to_uint8(np.asarray(img))
-    elif img.mode == "RGB":
-        arr = np.asarray(img)
-    else:
-        arr = np.asarray(img.convert("RGB"))
+    try:
+        if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(white, rgba).convert("RGB")
+        if img.mode.startswith("I") or img.mode == "F":  # I, I;16, I;16B, I;16L, ..., F
+            arr = _to_uint8(np.asarray(img), path)
+        elif img.mode == "RGB":
+            arr = np.asarray(img)
+        else:
+            arr = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as exc:  # a mode Pillow cannot convert
+        raise IkdmilError(
+            f"{path}: cannot convert {img.mode} image to RGB ({_one_line(exc)}); save it as an 8-bit RGB PNG"
+        ) from None
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise IkdmilError(f"{path}: expected an RGB image, got array shape {arr.shape}; convert it to RGB")
     if arr.dtype != np.uint8:
-        arr = _to_uint8(arr)
+        arr = _to_uint8(arr, path)
     return np.ascontiguousarray(arr)
 
 
@@ -120,8 +157,8 @@ def read_mask(path: str | os.PathLike, expect_shape: tuple[int, int] | None = No
     img = _open(path)
     arr = np.asarray(img)
     if arr.ndim == 3:
-        if arr.shape[2] == 4:
-            arr = arr[..., :3]
+        if arr.shape[2] in (2, 4):  # LA / RGBA: ignore the alpha channel
+            arr = arr[..., :-1]
         if not (arr == arr[..., :1]).all():
             raise IkdmilError(
                 f"{path}: mask is a colour image; save it as a single-channel PNG with 0 = background "

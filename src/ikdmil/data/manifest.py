@@ -71,24 +71,43 @@ def read_manifest(path: str | os.PathLike) -> list[Sample]:
         raise IkdmilError(f"{path}: manifest not found; give a manifest CSV or a dataset folder")
     root = path.parent
     samples = []
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in ("image", "label", "split") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise IkdmilError(
-                f"{path}: manifest lacks column(s) {', '.join(missing)}; the header must be "
-                f"{','.join(MANIFEST_COLUMNS)}"
-            )
-        for line, row in enumerate(reader, start=2):
-            label = (row.get("label") or "").strip()
-            split = (row.get("split") or "").strip()
-            if label not in ("0", "1"):
-                raise IkdmilError(f"{path}:{line}: label must be 0 or 1, got {label!r}")
-            if split not in SPLITS:
-                raise IkdmilError(f"{path}:{line}: split must be one of {', '.join(SPLITS)}, got {split!r}")
-            image = root / row["image"].strip()
-            mask_s = (row.get("mask") or "").strip()
-            samples.append(Sample(image, int(label), root / mask_s if mask_s else None, split))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.reader(fh)
+            header = [c.strip().lower() for c in next(reader, [])]
+            missing = [c for c in ("image", "label", "split") if c not in header]
+            if missing:
+                raise IkdmilError(
+                    f"{path}: manifest lacks column(s) {', '.join(missing)}; its first line must be the header "
+                    f"{','.join(MANIFEST_COLUMNS)}"
+                )
+            for cells in reader:
+                line = reader.line_num
+                if not any(c.strip() for c in cells):
+                    continue  # blank line
+                row = dict(zip(header, (c.strip() for c in cells)))
+                image, label, split = row.get("image", ""), row.get("label", ""), row.get("split", "")
+                if not image:
+                    raise IkdmilError(f"{path}:{line}: empty image path; fix the row: put the image file in the image column")
+                if label not in ("0", "1"):
+                    raise IkdmilError(
+                        f"{path}:{line}: label must be 0 (no tumour) or 1 (tumour), got {label!r}; fix the label column"
+                    )
+                if split not in SPLITS:
+                    raise IkdmilError(
+                        f"{path}:{line}: split must be one of {', '.join(SPLITS)}, got {split!r}; fix the split column"
+                    )
+                mask_s = row.get("mask", "")
+                samples.append(Sample(root / image, int(label), root / mask_s if mask_s else None, split))
+    except UnicodeDecodeError as exc:
+        raise IkdmilError(
+            f"{path}: not a text CSV file ({exc.reason} at byte {exc.start}); give a UTF-8 manifest CSV or a "
+            "dataset folder"
+        ) from None
+    except csv.Error as exc:
+        raise IkdmilError(f"{path}: malformed CSV ({' '.join(str(exc).split())}); fix the file") from None
+    except OSError as exc:
+        raise IkdmilError(f"{path}: cannot read manifest ({' '.join(str(exc).split())}); check the file") from None
     if not samples:
         raise IkdmilError(f"{path}: manifest has no rows; add one line per image")
     return samples
@@ -131,14 +150,21 @@ def load_samples(source: str | os.PathLike) -> list[Sample]:
 
 def select_split(samples: list[Sample], split: str, source: str | os.PathLike, need_both: bool) -> list[Sample]:
     """Samples of one split; error when it is empty or (for training) lacks a class."""
+    src = Path(source)
+    layout = src.is_dir() and not (src / MANIFEST_NAME).is_file()  # folder layout, not a manifest
     chosen = [s for s in samples if s.split == split]
     if not chosen:
-        raise IkdmilError(f"{source}: the {split!r} split has no images; add some or fix the split column")
+        fix = (f"add images to {src / split / 'pos'} and {src / split / 'neg'}" if layout
+               else f"add rows with split {split} to the manifest")
+        raise IkdmilError(f"{source}: the {split!r} split has no images; {fix}")
     if need_both:
-        for label, name in ((1, "positive (pos)"), (0, "negative (neg)")):
+        for label, cls, name in ((1, "pos", "positive"), (0, "neg", "negative")):
             if not any(s.label == label for s in chosen):
+                fix = (f"add images to {src / split / cls}" if layout
+                       else f"add {split} rows with label {label} to the manifest")
                 raise IkdmilError(
-                    f"{source}: the {split!r} split has no {name} images; MIL training needs both classes"
+                    f"{source}: the {split!r} split has no {name} ({cls}) images, and MIL training needs both "
+                    f"classes; {fix}"
                 )
     return chosen
 

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+from scipy.special import ndtri
 from tqdm import tqdm
 
 from ikdmil.data.io import write_png, write_text
@@ -72,22 +75,95 @@ def _noise(rng: np.random.Generator, size: int, cell: float) -> np.ndarray:
     return _normalise(up[o : o + size, o : o + size])
 
 
-def _streaks(rng: np.random.Generator, size: int, angle: float, layers: list[tuple[float, float, float]]) -> np.ndarray:
-    """Unit-std noise stretched into fibres at `angle` degrees; layers = (weight, px across, px along)."""
-    big = int(math.ceil(size * 1.45)) + 2
-    acc = np.zeros((big, big), np.float32)
-    for weight, across, along in layers:
-        rows = int(math.ceil(big / across)) + 2
-        cols = int(math.ceil(big / along)) + 2
-        grid = rng.standard_normal((rows, cols)).astype(np.float32)
-        acc += weight * np.asarray(Image.fromarray(grid).resize((big, big), Image.BICUBIC))
-    img = Image.fromarray(acc).rotate(angle, resample=Image.BILINEAR)
-    o = (big - size) // 2
-    return _normalise(np.asarray(img)[o : o + size, o : o + size])
+def _fibres(
+    rng: np.random.Generator, size: int, angle: float, across: float, warp: np.ndarray, warp_px: float
+) -> np.ndarray:
+    """Unit-std wavy stripes `across` px wide running at `angle` radians, bent by `warp` (unit std)."""
+    yy = np.arange(size, dtype=np.float32)[:, None]
+    xx = np.arange(size, dtype=np.float32)[None, :]
+    v = yy * np.float32(math.cos(angle)) - xx * np.float32(math.sin(angle)) + np.float32(warp_px) * warp
+    lo = float(v.min()) - across
+    n = int((float(v.max()) - lo) / across) + 3
+    profile = rng.standard_normal(n)
+    stripes = np.interp(v.ravel(), lo + across * np.arange(n), profile).reshape(size, size)
+    return stripes.astype(np.float32)
+
+
+def _ellipse_groups(
+    cy: np.ndarray,
+    cx: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    theta: np.ndarray,
+    irregular: np.ndarray | None = None,
+    quantum: int = 1,
+):
+    """Evaluate N ellipses on small boxes around their centres, grouped by box radius.
+
+    Yields (sel, r, iy, ix, rho, extent): the indices of the ellipses in the group, their common box
+    radius r, integer centres, the normalised radius rho (len(sel), 2r+1, 2r+1) (< 1 inside), and a
+    (len(sel), 1, 1) mean semi-axis for anti-aliasing. `irregular` (N, 4) holds the amplitudes and
+    phases of a 2nd and 3rd harmonic wobble of the outline. Box radii are rounded up to a multiple
+    of `quantum` so that ellipses of similar size share one vectorised group.
+    """
+    grow = 1.0 + (np.abs(irregular[:, 0]) + np.abs(irregular[:, 1]) if irregular is not None else 0.0)
+    rad = np.ceil(np.maximum(a, b) * grow).astype(np.int64) + 2
+    rad = -(-rad // quantum) * quantum
+    for r in np.unique(rad):
+        sel = np.flatnonzero(rad == r)
+        off = np.arange(-r, r + 1, dtype=np.float32)
+        iy = np.floor(cy[sel]).astype(np.int64)
+        ix = np.floor(cx[sel]).astype(np.int64)
+        dy = off[None, :, None] - (cy[sel] - iy).astype(np.float32)[:, None, None]
+        dx = off[None, None, :] - (cx[sel] - ix).astype(np.float32)[:, None, None]
+        ct = np.cos(theta[sel]).astype(np.float32)[:, None, None]
+        st = np.sin(theta[sel]).astype(np.float32)[:, None, None]
+        ua = (dx * ct + dy * st) * (1.0 / a[sel]).astype(np.float32)[:, None, None]
+        vb = (dy * ct - dx * st) * (1.0 / b[sel]).astype(np.float32)[:, None, None]
+        rho = np.sqrt(ua * ua + vb * vb)
+        if irregular is not None:
+            phi = np.arctan2(vb, ua)
+            e2, e3, p2, p3 = (irregular[sel, k].astype(np.float32)[:, None, None] for k in range(4))
+            rho /= 1.0 + e2 * np.cos(2.0 * phi + p2) + e3 * np.cos(3.0 * phi + p3)
+        extent = (0.5 * (a[sel] + b[sel])).astype(np.float32)[:, None, None]
+        yield sel, int(r), iy, ix, rho, extent
+
+
+class _Canvas:
+    """Sums weighted box pixels into (size, size) maps with one bincount per map."""
+
+    def __init__(self, size: int, pad: int) -> None:
+        self.size, self.pad = size, pad
+        self.wp = size + 2 * pad
+        self.flat: list[np.ndarray] = []
+        self.weights: dict[str, list[np.ndarray]] = {}
+
+    def add(self, r: int, iy: np.ndarray, ix: np.ndarray, **weights: np.ndarray) -> None:
+        off = np.arange(-r, r + 1)
+        p = self.pad
+        flat = (iy[:, None, None] + (p + off)[None, :, None]) * self.wp + (ix[:, None, None] + (p + off)[None, None, :])
+        self.flat.append(flat.ravel())
+        for k, w in weights.items():
+            self.weights.setdefault(k, []).append(np.broadcast_to(w, flat.shape).ravel())
+
+    def maps(self, *names: str) -> list[np.ndarray]:
+        n, p = self.size, self.pad
+        if not self.flat:
+            return [np.zeros((n, n), np.float32) for _ in names]
+        flat = np.concatenate(self.flat)
+        out = []
+        for k in names:
+            m = np.bincount(flat, weights=np.concatenate(self.weights[k]), minlength=self.wp * self.wp)
+            out.append(m.reshape(self.wp, self.wp)[p : p + n, p : p + n].astype(np.float32))
+        return out
+
+
+def _pad_for(a: np.ndarray, b: np.ndarray, wobble: float = 0.0) -> int:
+    return int(math.ceil(float(np.max(np.maximum(a, b), initial=1.0)) * (1.0 + wobble))) + 3
 
 
 def _stamp(
-    shape: tuple[int, int],
+    size: int,
     cy: np.ndarray,
     cx: np.ndarray,
     a: np.ndarray,
@@ -99,50 +175,19 @@ def _stamp(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rasterise N soft-edged ellipses (nuclei); return (stain-density sum, coverage sum) maps.
 
-    a, b: semi-axes (px) along / across `theta` (radians); dens: haematoxylin concentration at the
-    nucleus; irregular: (N, 4) = 2nd/3rd harmonic amplitudes and phases of the outline; rim > 0 makes
-    the centre paler than the membrane (vesicular chromatin). Each ellipse is evaluated on a small
-    box around its centre, all boxes at once, and the boxes are summed into the canvas by bincount.
+    a, b: semi-axes (px) along / across `theta` (radians); dens: haematoxylin concentration of each
+    nucleus; rim > 0 makes the centre paler than the membrane (vesicular chromatin).
     """
-    h, w = shape
-    if len(cy) == 0:
-        z = np.zeros(shape, np.float32)
-        return z, z.copy()
-    grow = 1.0 + (float(np.abs(irregular[:, :2]).sum(1).max()) if irregular is not None else 0.0)
-    r = int(math.ceil(float(np.max(a)) * grow)) + 2
-    off_i = np.arange(-r, r + 1)
-    off = off_i.astype(np.float32)
-    iy = np.floor(cy).astype(np.int64)
-    ix = np.floor(cx).astype(np.int64)
-    fy = (cy - iy).astype(np.float32)[:, None, None]
-    fx = (cx - ix).astype(np.float32)[:, None, None]
-    dy = off[None, :, None] - fy
-    dx = off[None, None, :] - fx
-    ct = np.cos(theta).astype(np.float32)[:, None, None]
-    st = np.sin(theta).astype(np.float32)[:, None, None]
-    ua = (dx * ct + dy * st) / a.astype(np.float32)[:, None, None]
-    vb = (dy * ct - dx * st) / b.astype(np.float32)[:, None, None]
-    rho = np.sqrt(ua * ua + vb * vb)
-    if irregular is not None:
-        phi = np.arctan2(vb, ua)
-        e2, e3, p2, p3 = (irregular[:, k].astype(np.float32)[:, None, None] for k in range(4))
-        rho = rho / (1.0 + e2 * np.cos(2.0 * phi + p2) + e3 * np.cos(3.0 * phi + p3))
-    edge = (0.5 * (a + b)).astype(np.float32)[:, None, None]
-    alpha = np.clip(0.5 + (1.0 - rho) * edge, 0.0, 1.0)
-    val = alpha * dens.astype(np.float32)[:, None, None]
-    if rim > 0:
-        val *= 1.0 - rim * np.clip(1.0 - rho * 1.25, 0.0, 1.0)
-    hp, wp = h + 2 * r, w + 2 * r
-    flat = (iy[:, None, None] + r + off_i[None, :, None]) * wp + (ix[:, None, None] + r + off_i[None, None, :])
-    flat = flat.ravel()
-    ok = (flat >= 0) & (flat < hp * wp)  # centres are inside the image, so this is only a guard
-    flat = flat[ok]
-    dsum = np.bincount(flat, weights=val.ravel()[ok], minlength=hp * wp).reshape(hp, wp)
-    csum = np.bincount(flat, weights=alpha.ravel()[ok], minlength=hp * wp).reshape(hp, wp)
-    return (
-        dsum[r : r + h, r : r + w].astype(np.float32),
-        csum[r : r + h, r : r + w].astype(np.float32),
-    )
+    wob = float(np.abs(irregular[:, :2]).sum(1).max(initial=0.0)) if irregular is not None and len(cy) else 0.0
+    canvas = _Canvas(size, _pad_for(a, b, wob))
+    for sel, r, iy, ix, rho, extent in _ellipse_groups(cy, cx, a, b, theta, irregular):
+        alpha = np.clip(0.5 + (1.0 - rho) * extent, 0.0, 1.0)
+        val = alpha * dens[sel].astype(np.float32)[:, None, None]
+        if rim > 0:
+            val *= 1.0 - rim * np.clip(1.0 - 1.25 * rho, 0.0, 1.0)
+        canvas.add(r, iy, ix, dens=val, cover=alpha)
+    d, c = canvas.maps("dens", "cover")
+    return d, c
 
 
 class _Nuclei:
@@ -217,68 +262,80 @@ def _glands(
     nuclei: _Nuclei,
     cover: float,
 ) -> None:
-    """Draw normal glands (lumen, cytoplasm ring, evenly spaced basal nuclei) outside the mask."""
-    placed: list[tuple[float, float, float]] = []
+    """Draw normal glands (pale lumen, cytoplasm ring, evenly spaced basal nuclei) outside the mask.
+
+    Glands cover about `cover` of the tumour-free area, do not touch each other or the mask, and are
+    written into H, E (stain concentrations) and white (lumen) in place; their nuclei go to `nuclei`.
+    """
     target = cover * float((~mask).sum())
+    if target <= 0:
+        return
+    m = 64
+    A = rng.uniform(11, 26, m)
+    B = A * rng.uniform(0.55, 0.95, m)
+    ang = rng.uniform(0, math.pi, m)
+    gy = rng.uniform(-0.3 * A, size + 0.3 * A)
+    gx = rng.uniform(-0.3 * A, size + 0.3 * A)
+    # reject candidates whose outline (with a margin) or centre touches the tumour
+    t = np.linspace(0, 2 * math.pi, 16, endpoint=False)
+    ca, sa = np.cos(ang)[:, None], np.sin(ang)[:, None]
+    eu, ev = 1.15 * A[:, None] * np.cos(t), 1.15 * B[:, None] * np.sin(t)
+    ry = np.concatenate([gy[:, None] + eu * sa + ev * ca, gy[:, None]], 1)
+    rx = np.concatenate([gx[:, None] + eu * ca - ev * sa, gx[:, None]], 1)
+    clear = ~mask[_inside(size, ry, rx)].any(1)
+    chosen: list[int] = []
     area = 0.0
-    for _ in range(60):
+    for i in np.flatnonzero(clear).tolist():
         if area >= target:
             break
-        A = rng.uniform(11, 26)
-        B = A * rng.uniform(0.55, 0.95)
-        ang = rng.uniform(0, math.pi)
-        gy, gx = rng.uniform(-0.3 * A, size + 0.3 * A, 2)
-        if any((gy - py) ** 2 + (gx - px) ** 2 < (A + pa + 3) ** 2 for py, px, pa in placed):
+        if any((gy[i] - gy[j]) ** 2 + (gx[i] - gx[j]) ** 2 < (A[i] + A[j] + 3) ** 2 for j in chosen):
             continue
-        t = np.linspace(0, 2 * math.pi, 16, endpoint=False)
-        ry = gy + 1.15 * (A * np.cos(t) * math.sin(ang) + B * np.sin(t) * math.cos(ang))
-        rx = gx + 1.15 * (A * np.cos(t) * math.cos(ang) - B * np.sin(t) * math.sin(ang))
-        py_, px_ = _inside(size, np.append(ry, gy), np.append(rx, gx))
-        if mask[py_, px_].any():
-            continue
-        placed.append((gy, gx, A))
-        area += math.pi * A * B
-        # rasterise the gland on its bounding box
-        R = int(math.ceil(A)) + 2
-        y0, y1 = max(int(gy) - R, 0), min(int(gy) + R + 1, size)
-        x0, x1 = max(int(gx) - R, 0), min(int(gx) + R + 1, size)
-        if y0 >= y1 or x0 >= x1:
-            continue
-        yy = np.arange(y0, y1, dtype=np.float32)[:, None] - gy
-        xx = np.arange(x0, x1, dtype=np.float32)[None, :] - gx
-        u = xx * math.cos(ang) + yy * math.sin(ang)
-        v = yy * math.cos(ang) - xx * math.sin(ang)
-        wob = 1.0 + 0.04 * np.cos(3 * np.arctan2(v, u) + rng.uniform(0, 6.3))
-        rho = np.sqrt((u / A) ** 2 + (v / B) ** 2) / wob
-        lumen_r = rng.uniform(0.28, 0.45)
-        band = np.clip((1.0 - rho) * A * 0.8, 0, 1)  # soft outer edge of the epithelium
-        lum = np.clip((lumen_r - rho) * A * 0.8, 0, 1)
-        sl = (slice(y0, y1), slice(x0, x1))
-        cyto_e = rng.uniform(0.16, 0.26)
-        E[sl] = E[sl] * (1 - band) + band * cyto_e
-        H[sl] = H[sl] * (1 - band) + band * rng.uniform(0.06, 0.10)
-        white[sl] = np.maximum(white[sl], lum * rng.uniform(0.85, 0.97))
-        # basal nuclei: regular, evenly spaced, elongated radially
-        rn = lumen_r + rng.uniform(0.72, 0.8) * (1.0 - lumen_r)
-        perim = math.pi * (3 * (A + B) - math.sqrt((3 * A + B) * (A + 3 * B))) * rn
-        k = max(int(perim / rng.uniform(3.3, 3.8)), 6)
-        t = np.linspace(0, 2 * math.pi, k, endpoint=False) + rng.uniform(0, 6.3)
-        t = t + rng.normal(0, 0.03, k)
-        eu, ev = A * rn * np.cos(t), B * rn * np.sin(t)
-        ny = gy + eu * math.sin(ang) + ev * math.cos(ang)
-        nx = gx + eu * math.cos(ang) - ev * math.sin(ang)
-        normal = np.arctan2(A * np.sin(t), B * np.cos(t)) + ang
-        keep = (ny >= 0) & (ny < size) & (nx >= 0) & (nx < size)
-        if keep.any():
-            n = int(keep.sum())
-            nuclei.add(
-                ny[keep],
-                nx[keep],
-                rng.normal(3.3, 0.15, n),
-                rng.normal(1.6, 0.08, n),
-                normal[keep] + rng.normal(0, 0.08, n),
-                rng.normal(1.05, 0.05, n),
-            )
+        chosen.append(i)
+        area += math.pi * A[i] * B[i]
+    if not chosen:
+        return
+    g = np.array(chosen)
+    A, B, ang, gy, gx = A[g], B[g], ang[g], gy[g], gx[g]
+    n = len(g)
+    lumen_r = rng.uniform(0.28, 0.45, n)
+    cyto_e = rng.uniform(0.16, 0.26)
+    cyto_h = rng.uniform(0.06, 0.10)
+    lum_w = rng.uniform(0.85, 0.97, n)
+    wobble = np.stack([np.zeros(n), np.full(n, 0.04), np.zeros(n), rng.uniform(0, 6.3, n)], 1)
+    canvas = _Canvas(size, int(math.ceil(float(A.max()) * 1.35)) + 12)
+    for sel, r, iy, ix, rho, _ in _ellipse_groups(gy, gx, A, B, ang, wobble, quantum=8):
+        soft = (0.8 * A[sel]).astype(np.float32)[:, None, None]
+        band = np.clip((1.0 - rho) * soft, 0, 1)  # epithelium, soft outer edge
+        lum = np.clip((lumen_r[sel].astype(np.float32)[:, None, None] - rho) * soft, 0, 1)
+        canvas.add(r, iy, ix, band=band, lum=lum * lum_w[sel].astype(np.float32)[:, None, None])
+    band, lum = canvas.maps("band", "lum")
+    band = np.minimum(band, 1.0)
+    E *= 1.0 - band
+    E += band * np.float32(cyto_e)
+    H *= 1.0 - band
+    H += band * np.float32(cyto_h)
+    np.maximum(white, lum, out=white)
+    # basal nuclei: regular size, evenly spaced, elongated along the gland's radius
+    rn = lumen_r + rng.uniform(0.72, 0.8, n) * (1.0 - lumen_r)
+    perim = math.pi * (3 * (A + B) - np.sqrt((3 * A + B) * (A + 3 * B))) * rn
+    k = np.maximum((perim / rng.uniform(3.3, 3.8, n)).astype(np.int64), 6)
+    gid = np.repeat(np.arange(n), k)
+    j = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
+    t = 2 * math.pi * j / k[gid] + rng.uniform(0, 6.3, n)[gid] + rng.normal(0, 0.03, len(gid))
+    eu, ev = A[gid] * rn[gid] * np.cos(t), B[gid] * rn[gid] * np.sin(t)
+    ny = gy[gid] + eu * np.sin(ang[gid]) + ev * np.cos(ang[gid])
+    nx = gx[gid] + eu * np.cos(ang[gid]) - ev * np.sin(ang[gid])
+    radial = np.arctan2(A[gid] * np.sin(t), B[gid] * np.cos(t)) + ang[gid]
+    keep = (ny >= 0) & (ny < size) & (nx >= 0) & (nx < size)
+    m = int(keep.sum())
+    nuclei.add(
+        ny[keep],
+        nx[keep],
+        rng.normal(3.3, 0.15, m),
+        rng.normal(1.6, 0.08, m),
+        radial[keep] + rng.normal(0, 0.08, m),
+        rng.normal(1.05, 0.05, m),
+    )
 
 
 def _sample_points(rng: np.random.Generator, allowed: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -311,7 +368,6 @@ def synth_image(
         raise IkdmilError(f"tumour_fraction must be between 0 and 1, got {tumour_fraction}")
     S = size
     shape = (S, S)
-    area = float(S * S)
 
     mask = _tumour_mask(rng, S, f)
     normal = ~mask
@@ -319,21 +375,23 @@ def synth_image(
     has_tumour = bool(mask.any())
 
     # ---- stroma: eosin with collagen streaks, low-frequency variation, white clefts
-    fib_angle = rng.uniform(0, 180)
-    fib = _streaks(
-        rng,
-        S,
-        fib_angle,
-        [(0.65, rng.uniform(1.6, 2.6), rng.uniform(18, 45)), (0.45, rng.uniform(2.5, 4.0), rng.uniform(25, 60))],
-    )
+    fib_angle = rng.uniform(0, math.pi)
     low = _noise(rng, S, rng.uniform(40, 90))
+    warp = _noise(rng, S, rng.uniform(35, 70))
+    wavy = rng.uniform(3, 10)
+    fib = 0.65 * _fibres(rng, S, fib_angle, rng.uniform(1.6, 2.6), warp, wavy) * np.tanh(
+        1.0 + _noise(rng, S, rng.uniform(15, 35))
+    ) + 0.45 * _fibres(rng, S, fib_angle + rng.uniform(-0.5, 0.5), rng.uniform(2.5, 4.0), warp, wavy)
+    fib = _normalise(fib)
     e_stroma = rng.uniform(0.38, 0.52)
     E = np.clip(e_stroma * (0.70 + 0.28 * np.tanh(1.3 * fib) + 0.12 * low), 0.02, None).astype(np.float32)
     H = np.clip(0.035 + 0.015 * low + 0.008 * fib, 0.0, None).astype(np.float32)
     chrom = _noise(rng, S, 2.5)  # chromatin grain, shared by all nuclei
-    cleft = 0.75 * _noise(rng, S, rng.uniform(18, 40)) + 0.55 * fib
-    thr = rng.uniform(1.45, 2.4)
-    white = np.clip((cleft - thr) * 2.5, 0.0, 1.0).astype(np.float32)
+    # clefts / glass: how much of the tissue is torn or empty varies a lot between patches
+    cleft = (0.75 * _noise(rng, S, rng.uniform(18, 40)) + 0.55 * fib) * np.float32(1.0 / 0.93)
+    empty = rng.choice(3, p=[0.5, 0.35, 0.15])
+    empty = rng.uniform(*((0.01, 0.06), (0.06, 0.16), (0.16, 0.3))[empty])
+    white = np.clip((cleft - np.float32(ndtri(1.0 - empty))) * 2.5, 0.0, 1.0).astype(np.float32)
 
     # ---- normal tissue (only drawn where the mask is False)
     Hn, En, Wn = H.copy(), E.copy(), white.copy()
@@ -341,20 +399,21 @@ def synth_image(
     if has_normal:
         _glands(rng, S, mask, Hn, En, Wn, nuc, cover=rng.choice([0.0, rng.uniform(0.2, 0.55)], p=[0.1, 0.9]))
         free = normal & (Wn < 0.3)
-        # lymphocytes: small, round, dark
-        n = rng.poisson(area * rng.uniform(0.0008, 0.003))
+        free_area = float(free.sum())
+        # lymphocytes: small, round, dark (some patches have inflamed stroma: many more of them)
+        n = rng.poisson(free_area * (rng.uniform(0.003, 0.007) if rng.random() < 0.15 else rng.uniform(0.0008, 0.003)))
         y, x = _sample_points(rng, free, n)
         r = rng.normal(2.5, 0.2, len(y))
         nuc.add(y, x, r, r * rng.uniform(0.9, 1.0, len(y)), rng.uniform(0, math.pi, len(y)), rng.normal(1.35, 0.08, len(y)))
         # fibroblasts: thin spindles along the collagen
-        n = rng.poisson(area * rng.uniform(0.0006, 0.0016))
+        n = rng.poisson(free_area * rng.uniform(0.0006, 0.0016))
         y, x = _sample_points(rng, free, n)
         nuc.add(
             y,
             x,
             rng.uniform(3.8, 5.5, len(y)),
             rng.uniform(1.0, 1.4, len(y)),
-            -math.radians(fib_angle) + rng.normal(0, 0.2, len(y)),
+            fib_angle + rng.normal(0, 0.2, len(y)),
             rng.normal(1.0, 0.08, len(y)),
         )
         # sometimes a dense lymphoid aggregate: dark, crowded, but small and round and benign
@@ -380,7 +439,7 @@ def synth_image(
             cy, cx, a, b, th, dn = (v[ok] for v in (cy, cx, a, b, th, dn))
         Hn = Hn * (1 - Wn)
         En = En * (1 - Wn)
-        dsum, csum = _stamp(shape, cy, cx, a, b, th, dn)
+        dsum, csum = _stamp(S, cy, cx, a, b, th, dn)
         occ = np.minimum(csum, 1.0)
         Hn = Hn * (1 - occ) + dsum * (1.0 + 0.08 * chrom)
         En = En * (1 - 0.75 * occ)
@@ -389,35 +448,46 @@ def synth_image(
     if has_tumour:
         tl = _noise(rng, S, rng.uniform(10, 25))
         Et = np.clip(rng.uniform(0.22, 0.32) * (1.0 + 0.15 * tl), 0.02, None).astype(np.float32)
-        Ht = np.clip(rng.uniform(0.1, 0.15) * (1.0 + 0.2 * tl), 0.0, None).astype(np.float32)
+        Ht = np.clip(rng.uniform(0.06, 0.1) * (1.0 + 0.2 * tl), 0.0, None).astype(np.float32)
         # thin strands of stroma running through the sheets
         strand = np.clip(1.0 - np.abs(_noise(rng, S, rng.uniform(20, 40))) * rng.uniform(2.5, 5.0), 0, 1)
         Et = Et * (1 - strand) + E * strand
         Ht = Ht * (1 - strand) + H * strand
         Wt = np.zeros(shape, np.float32)
-        # cribriform holes / gland remnants punched into the sheets
-        n_holes = rng.poisson(float(mask.sum()) / 2000.0 * rng.uniform(0.2, 1.5))
+        # cribriform holes / gland remnants punched into the sheets, crowded by nuclei at their rims
+        n_holes = rng.poisson(float(mask.sum()) / 1000.0 * rng.uniform(0.2, 1.2))
         hy, hx = _sample_points(rng, mask, n_holes)
+        ry, rx = np.zeros(0), np.zeros(0)
         if len(hy):
-            hr = rng.uniform(2.5, 8.0, len(hy))
+            hr = rng.uniform(3.0, 9.0, len(hy))
             ones = np.ones(len(hy))
-            hole, _ = _stamp(shape, hy, hx, hr, hr * rng.uniform(0.7, 1.0, len(hy)), rng.uniform(0, 3.2, len(hy)), ones)
+            hole, _ = _stamp(S, hy, hx, hr, hr * rng.uniform(0.7, 1.0, len(hy)), rng.uniform(0, 3.2, len(hy)), ones)
             Wt = np.maximum(Wt, np.minimum(hole, 1.0) * 0.95)
+            k = np.maximum((2 * math.pi * (hr + 4.5) / rng.uniform(9, 13, len(hy))).astype(np.int64), 2)
+            hid = np.repeat(np.arange(len(hy)), k)
+            t = rng.uniform(0, 2 * math.pi, len(hid))
+            d = hr[hid] + rng.uniform(3.5, 6.0, len(hid))
+            ry, rx = hy[hid] + d * np.sin(t), hx[hid] + d * np.cos(t)
+            ok = (ry >= 0) & (ry < S) & (rx >= 0) & (rx < S)
+            ry, rx = ry[ok], rx[ok]
+            ok = mask[_inside(S, ry, rx)]
+            ry, rx = ry[ok], rx[ok]
         Ht = Ht * (1 - Wt)
         Et = Et * (1 - Wt)
         # crowded, large, pleomorphic, hyperchromatic nuclei in random orientations
-        cover = rng.uniform(0.35, 0.55)
+        cover = rng.uniform(0.22, 0.4)
         mean_area = math.pi * 5.6 * 4.0
         n = int(rng.poisson(float(mask.sum()) * cover / mean_area))
         y, x = _sample_points(rng, mask & (Wt < 0.3), n)
+        y, x = np.concatenate([ry, y]), np.concatenate([rx, x])
         n = len(y)
         a = np.clip(rng.lognormal(math.log(5.6), 0.2, n), 3.8, 9.5)
         b = a * rng.uniform(0.5, 0.9, n)
         irr = np.stack(
             [rng.uniform(0, 0.14, n), rng.uniform(0, 0.1, n), rng.uniform(0, 6.3, n), rng.uniform(0, 6.3, n)], 1
         )
-        dn = np.clip(rng.normal(1.15, 0.2, n), 0.8, 1.8)
-        dsum, csum = _stamp(shape, y, x, a, b, rng.uniform(0, math.pi, n), dn, irr, rim=0.3)
+        dn = np.clip(rng.normal(1.05, 0.2, n), 0.7, 1.6)
+        dsum, csum = _stamp(S, y, x, a, b, rng.uniform(0, math.pi, n), dn, irr, rim=0.3)
         # prominent nucleoli in some nuclei
         sel = rng.random(n) < 0.4
         if sel.any():
@@ -426,7 +496,7 @@ def synth_image(
             nx = x[sel] + rng.normal(0, 1.0, m)
             ok = (ny >= 0) & (ny < S) & (nx >= 0) & (nx < S)
             rr = rng.uniform(0.9, 1.4, int(ok.sum()))
-            d2, _ = _stamp(shape, ny[ok], nx[ok], rr, rr, np.zeros(len(rr)), np.full(len(rr), 0.7))
+            d2, _ = _stamp(S, ny[ok], nx[ok], rr, rr, np.zeros(len(rr)), np.full(len(rr), 0.7))
             dsum += d2 * (csum > 0.5)
         occ = np.minimum(csum, 1.0)
         Ht = Ht * (1 - occ) + dsum * (1.0 + 0.22 * chrom)
@@ -444,8 +514,8 @@ def synth_image(
     od_h = _unit(np.abs(OD_HAEMATOXYLIN / np.linalg.norm(OD_HAEMATOXYLIN) + rng.normal(0, 0.07, 3)) + 0.01)
     od_e = _unit(np.abs(OD_EOSIN / np.linalg.norm(OD_EOSIN) + rng.normal(0, 0.07, 3)) + 0.01)
     od_r = _unit(np.abs(np.cross(od_h, od_e)) + 0.05)
-    thick = float(np.clip(rng.lognormal(0.0, 0.25), 0.6, 1.7))
-    s_h = thick * float(np.clip(rng.lognormal(0.0, 0.3), 0.55, 1.8))
+    thick = float(np.clip(rng.lognormal(0.0, 0.35), 0.45, 2.0))
+    s_h = thick * float(np.clip(rng.lognormal(0.0, 0.35), 0.5, 2.0))
     s_e = thick * float(np.clip(rng.lognormal(0.0, 0.3), 0.5, 2.0))
     resid = np.clip(0.03 + 0.03 * low, 0, None) * rng.uniform(0.0, 1.5)
     od = (
@@ -453,9 +523,10 @@ def synth_image(
         + (s_e * E)[..., None] * od_e.astype(np.float32)
         + resid[..., None] * od_r.astype(np.float32)
     )
-    i0 = rng.uniform(195.0, 252.0) * (1.0 + rng.normal(0, 0.02, 3))
+    i0 = rng.uniform(165.0, 252.0) * (1.0 + rng.normal(0, 0.03, 3))
     rgb = np.exp(-od) * i0.astype(np.float32)
-    rgb += rng.standard_normal(rgb.shape, dtype=np.float32) * np.float32(rng.uniform(1.0, 3.0))
+    grain = rng.random(rgb.shape, dtype=np.float32) - np.float32(0.5)
+    rgb += grain * np.float32(rng.uniform(3.5, 10.0))  # sensor noise, uniform with std 1-3 levels
     return np.clip(rgb + 0.5, 0, 255).astype(np.uint8), mask
 
 
@@ -478,6 +549,11 @@ def _split_plan(n: int, val_fraction: float, test_fraction: float, pos_fraction:
         labels = [int(math.floor((j + 1) * n_pos / m) > math.floor(j * n_pos / m)) for j in range(m)]
         plan.extend((split, lab) for lab in labels)
     return plan
+
+
+def _write_pair(img_path: Path, image: np.ndarray, mask_path: Path, mask: np.ndarray) -> None:
+    write_png(img_path, image)
+    write_png(mask_path, mask)
 
 
 def make_synthetic_dataset(
@@ -530,21 +606,28 @@ def make_synthetic_dataset(
     width = max(5, len(str(n - 1)))
     pos_seen = {s: 0 for s in SPLITS}
     samples: list[Sample] = []
-    for i in tqdm(range(n), desc="synthesising", unit="img", disable=not progress):
-        split, label = plan[i]
-        rng = np.random.default_rng([seed, i])
-        frac = 0.0
-        if label:
-            base = POSITIVE_FRACTIONS[pos_seen[split] % len(POSITIVE_FRACTIONS)]
-            pos_seen[split] += 1
-            frac = 1.0 if base >= 1.0 else float(np.clip(base * rng.uniform(0.8, 1.2), 0.03, 0.95))
-        image, mask = synth_image(rng, size=size, tumour_fraction=frac)
-        name = f"synth_{i:0{width}d}.png"
-        img_path = out / split / ("pos" if label else "neg") / name
-        mask_path = out / split / "masks" / name
-        write_png(img_path, image)
-        write_png(mask_path, mask)
-        samples.append(Sample(img_path, label, mask_path, split))
+    # Images are generated here, in order; PNG encoding (zlib releases the GIL) runs on a helper
+    # thread so it overlaps with drawing the next image. Output does not depend on the timing.
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ikdmil-synth-png") as pool:
+        for i in tqdm(range(n), desc="synthesising", unit="img", disable=not progress):
+            split, label = plan[i]
+            rng = np.random.default_rng([seed, i])
+            frac = 0.0
+            if label:
+                base = POSITIVE_FRACTIONS[pos_seen[split] % len(POSITIVE_FRACTIONS)]
+                pos_seen[split] += 1
+                frac = 1.0 if base >= 1.0 else float(np.clip(base * rng.uniform(0.8, 1.2), 0.03, 0.95))
+            image, mask = synth_image(rng, size=size, tumour_fraction=frac)
+            name = f"synth_{i:0{width}d}.png"
+            img_path = out / split / ("pos" if label else "neg") / name
+            mask_path = out / split / "masks" / name
+            pending.append(pool.submit(_write_pair, img_path, image, mask_path, mask))
+            while len(pending) > 4:  # bounded memory; also surfaces write errors early
+                pending.popleft().result()
+            samples.append(Sample(img_path, label, mask_path, split))
+        while pending:
+            pending.popleft().result()
     manifest = write_manifest(samples, out / MANIFEST_NAME)
     params = {
         "generator": "ikdmil.data.synth",

@@ -38,7 +38,7 @@ from ikdmil.engine.teacher import fusion_optimizer, make_fusion_step, make_teach
 from ikdmil.errors import IkdmilError
 from ikdmil.losses import mil_loss
 from ikdmil.models import create_model
-from ikdmil.models.checkpoint import load_model, load_state_checked, save_model
+from ikdmil.models.checkpoint import load_model, load_state_checked, read_model_meta, save_model
 
 PHASES = ("teacher", "fusion", "distill", "done")
 FUSION_LR = 1e-2
@@ -68,6 +68,10 @@ class Pipeline:
             )
         self.resume = resume
 
+        if first_phase == "distill" and not resume:
+            if not teacher_file:
+                raise IkdmilError("distill needs a teacher: pass --teacher MODEL.safetensors")
+            read_model_meta(teacher_file)  # fail before any work on a foreign or missing file
         samples = load_samples(cfg.data)
         self.train_samples = select_split(samples, "train", cfg.data, need_both=True)
         self.val_samples = select_split(samples, "val", cfg.data, need_both=False)
@@ -75,6 +79,8 @@ class Pipeline:
         cache = cfg.cache_dir or None
         self.train_arrays = build_cache(self.train_samples, cfg.input_size, cache, progress, "caching train")
         self.val_arrays = build_cache(self.val_samples, cfg.input_size, cache, progress, "caching val")
+        self.test_arrays = (build_cache(self.test_samples, cfg.input_size, cache, progress, "caching test")
+                            if self.test_samples else None)
         self.val_has_masks = bool(self.val_arrays.has_mask.all())
         if not self.val_has_masks:
             _say("note: some validation positives have no mask; model selection uses the validation MIL loss",
@@ -143,8 +149,6 @@ class Pipeline:
             phase, epoch = self.first_phase, 0
             sel = {"teacher_best": None, "student_best": None, "teacher_score": None, "swaps": 0}
             if phase == "distill":
-                if not self.teacher_file:
-                    raise IkdmilError("distill needs a teacher: pass --teacher MODEL.safetensors")
                 loaded, _ = load_model(self.teacher_file, self.device, expect_backbone=cfg.backbone)
                 teacher.load_state_dict(loaded.state_dict())
                 sel["teacher_score"] = self.val_score(teacher)
@@ -263,10 +267,7 @@ class Pipeline:
                    "host": platform.node(), "seconds": round(seconds, 1), "swaps": sel.get("swaps", 0),
                    "selection_metric": "val F1" if self.val_has_masks else "val -MIL loss",
                    "models": {}}
-        test_arrays = None
-        if self.test_samples:
-            test_arrays = build_cache(self.test_samples, cfg.input_size, cfg.cache_dir or None, self.progress,
-                                      "caching test")
+        test_arrays = self.test_arrays
         best = None
         for role, path in candidates:
             model, meta = load_model(path, self.device)

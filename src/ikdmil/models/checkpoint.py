@@ -28,6 +28,10 @@ def save_model(model, path: str | Path, **meta) -> Path:
     return path
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def read_model_meta(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -35,19 +39,35 @@ def read_model_meta(path: str | Path) -> dict:
     try:
         with safe_open(str(path), framework="pt") as fh:
             raw = (fh.metadata() or {}).get("ikdmil")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise IkdmilError(f"{path}: not a safetensors model file ({exc}); pass a model written by ikdmil") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise IkdmilError(
+            f"{path}: not a safetensors model file ({_one_line(exc)}); pass a model.safetensors written by "
+            "ikdmil train/run"
+        ) from None
     if not raw:
-        raise IkdmilError(f"{path}: safetensors file without ikdmil metadata; pass a model written by ikdmil")
-    meta = json.loads(raw)
+        raise IkdmilError(
+            f"{path}: safetensors file without ikdmil metadata (not written by ikdmil); pass a model.safetensors "
+            "written by ikdmil train/run"
+        )
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or not isinstance(meta.get("backbone"), str):
+        raise IkdmilError(
+            f"{path}: damaged ikdmil metadata in the model file; pass a model.safetensors written by ikdmil train/run"
+        )
     if meta.get("format") != FORMAT:
-        raise IkdmilError(f"{path}: unsupported model format {meta.get('format')!r}; expected {FORMAT}")
+        raise IkdmilError(
+            f"{path}: unsupported model format {meta.get('format')!r} (this ikdmil reads {FORMAT}); use the ikdmil "
+            "version that wrote it, or retrain"
+        )
     return meta
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", expect_backbone: str | None = None):
     """Build the model the file was saved from and load its weights; returns (model, meta)."""
-    from ikdmil.models import create_model
+    from ikdmil.models import available_backbones, create_model
 
     path = Path(path)
     meta = read_model_meta(path)
@@ -56,8 +76,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", expect_back
             f"{path}: this is a {meta['backbone']!r} model but {expect_backbone!r} was asked for; "
             f"use --backbone {meta['backbone']} or another file"
         )
+    if meta["backbone"] not in available_backbones():
+        raise IkdmilError(
+            f"{path}: made for backbone {meta['backbone']!r}, which this ikdmil does not have "
+            f"(it has: {', '.join(available_backbones())}); use a model trained with one of those"
+        )
     model, _ = create_model(meta["backbone"], pretrained="none")
-    load_state_checked(model, load_file(str(path)), path)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise IkdmilError(
+            f"{path}: cannot read the weights ({_one_line(exc)}); the file is damaged: copy it again or retrain"
+        ) from None
+    load_state_checked(model, state, path)
     return model.to(device), meta
 
 
@@ -76,7 +107,7 @@ def load_state_checked(model, state: dict, source: str | Path) -> None:
         if bad:
             parts.append(f"{len(bad)} with other shapes (e.g. {bad[0]})")
         raise IkdmilError(
-            f"{source}: weights do not fit the {model.name!r} model: {'; '.join(parts)}; "
-            "it was saved from another model"
+            f"{source}: weights do not fit the {model.name!r} model ({', '.join(parts)}): it was saved from "
+            "another model or version; use a file written for this model by ikdmil train/run, or retrain"
         )
     model.load_state_dict(state)
