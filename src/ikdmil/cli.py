@@ -158,12 +158,12 @@ def cmd_demo(args) -> int:
     data = out / "data"
     run = out / "run"
     if not (data / "manifest.csv").is_file():
-        make_synthetic_dataset(data, n=args.n, seed=args.seed, size=args.size, progress=_progress(args))
+        make_synthetic_dataset(data, n=args.n, seed=args.seed, size=args.image_size, progress=_progress(args))
     if run.exists():
         if not (run / "config.yaml").is_file():
             raise IkdmilError(f"{run}: exists and is not an ikdmil run; choose another --out")
         shutil.rmtree(run)
-    cfg = RunConfig(data=str(data), out=str(run), input_size=args.size, batch_size=args.batch_size,
+    cfg = RunConfig(data=str(data), out=str(run), input_size=args.input_size, batch_size=args.batch_size,
                     teacher_epochs=args.teacher_epochs, fusion_epochs=args.fusion_epochs,
                     distill_epochs=args.distill_epochs, swap_every=args.swap_every, lr=args.lr,
                     eval_sigma=args.eval_sigma, seed=args.seed, device=args.device,
@@ -239,10 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "print the table and write overlay PNGs. Defaults fit ~5 minutes on a 2-core CPU.")
     d.add_argument("--out", default="ikdmil-demo", help="output folder")
     d.add_argument("--n", type=int, default=160, help="synthetic images (train/val/test 60/20/20 %%)")
-    d.add_argument("--size", type=int, default=128, help="image and model input size")
+    d.add_argument("--image-size", type=int, default=256, help="size of the generated images")
+    d.add_argument("--input-size", type=int, default=128, help="model input size (images are resized to it)")
     d.add_argument("--teacher-epochs", type=int, default=6)
     d.add_argument("--fusion-epochs", type=int, default=2)
-    d.add_argument("--distill-epochs", type=int, default=6)
+    d.add_argument("--distill-epochs", type=int, default=8)
     d.add_argument("--swap-every", type=int, default=2)
     d.add_argument("--batch-size", type=int, default=16)
     d.add_argument("--lr", type=float, default=2e-4, help="higher than the paper's 5e-5 to converge in few epochs")
