@@ -50,8 +50,10 @@ def _add_config_args(p: argparse.ArgumentParser, skip=("data", "out")) -> None:
                            help=f"{TRAIN_HELP.get(f.name, f.name.replace('_', ' '))} (default: {f.default!r})")
 
 
-def _config_from_args(args, **fixed) -> RunConfig:
-    base = RunConfig.load(args.config).to_dict() if getattr(args, "config", None) else RunConfig().to_dict()
+def _config_from_args(args, saved: Path | None = None, **fixed) -> RunConfig:
+    """Defaults < saved run config (on --resume) or --config file < command-line options < `fixed`."""
+    source = getattr(args, "config", None) or saved
+    base = RunConfig.load(source).to_dict() if source else RunConfig().to_dict()
     for f in dataclasses.fields(RunConfig):
         v = getattr(args, f.name, None)
         if v is not None:
@@ -88,11 +90,9 @@ def _train(args, first: str, last: str, teacher_file: str | None = None) -> dict
     from ikdmil.engine.pipeline import Pipeline
 
     out = args.out
-    if args.resume and not args.config and (Path(out) / "config.yaml").is_file():
-        cfg = RunConfig.load(Path(out) / "config.yaml")
-        cfg = _config_from_args(args, **{**cfg.to_dict(), "data": args.data or cfg.data, "out": out})
-    else:
-        cfg = _config_from_args(args, data=args.data, out=out)
+    saved = Path(out) / "config.yaml"
+    saved = saved if args.resume and saved.is_file() else None
+    cfg = _config_from_args(args, saved, data=args.data, out=out)
     if not cfg.data:
         raise IkdmilError("no dataset given: pass DATA (a manifest CSV or dataset folder)")
     pipe = Pipeline(cfg, resume=args.resume, progress=_progress(args), first_phase=first, last_phase=last,

@@ -39,6 +39,7 @@ from ikdmil.errors import IkdmilError
 from ikdmil.losses import mil_loss
 from ikdmil.models import create_model
 from ikdmil.models.checkpoint import load_model, load_state_checked, read_model_meta, save_model
+from ikdmil.models.heads import MILOutput
 
 PHASES = ("teacher", "fusion", "distill", "done")
 FUSION_LR = 1e-2
@@ -104,8 +105,6 @@ class Pipeline:
         probs = predict_fused(model, self.val_arrays.images, self.device, self.cfg.batch_size * 2, self.cfg.amp)
         labels = torch.from_numpy(np.asarray(self.val_arrays.labels))
         fused = torch.from_numpy(probs)[:, None]
-        from ikdmil.models.heads import MILOutput
-
         return -float(mil_loss(MILOutput(sides=[], fused=fused), labels))
 
     def _save(self, state: dict) -> None:
@@ -152,7 +151,7 @@ class Pipeline:
                 sel["teacher_score"] = self.val_score(teacher)
                 save_model(teacher, self.run_dir / "teacher.safetensors", input_size=cfg.input_size,
                            role="teacher", val_score=sel["teacher_score"], source=str(self.teacher_file))
-            cfg.save(self.run_dir / "config.yaml")
+        cfg.save(self.run_dir / "config.yaml")  # on --resume too: options given then are recorded
         self.log = MetricsLog(self.run_dir, rows)
 
         def state(**kw):
@@ -275,13 +274,13 @@ class Pipeline:
                                                cfg.batch_size * 2, cfg.amp, self.progress, f"test {role}")
                 entry["test"] = summary
             results["models"][role] = entry
-            if best is None or (meta.get("val_score") or -1e9) > (results["models"][best]["val_score"] or -1e9):
-                best = role
+            score = float("-inf") if entry["val_score"] is None else entry["val_score"]
+            if best is None or score > best[0]:
+                best = (score, role, meta, model)
         if best is not None:
-            src = self.run_dir / results["models"][best]["file"]
-            model, meta = load_model(src, self.device)
-            save_model(model, self.run_dir / "model.safetensors", **{k: v for k, v in meta.items()
-                                                                  if k not in ("format", "backbone")})
-            results["selected"] = best
+            _, role, meta, model = best
+            save_model(model, self.run_dir / "model.safetensors",
+                       **{k: v for k, v in meta.items() if k not in ("format", "backbone")})
+            results["selected"] = role
         write_text(self.run_dir / "results.json", json.dumps(results, indent=2))
         return results
