@@ -1,5 +1,6 @@
-"""Stage 1, fusion fit, stage 2 swap policy, resume, and selection on the validation split."""
+"""Stage 1, fusion fit, stage 2 swap policy, teacher-map cache, resume, selection on validation."""
 
+import copy
 import json
 
 import pytest
@@ -159,3 +160,53 @@ def test_validation_without_masks_falls_back_to_mil_loss(tiny_synth, tmp_path):
 def test_mil_loss_value_used_by_fallback_is_finite():
     out = create_model("vgg16", pretrained="none")[0](torch.rand(2, 3, 32, 32))
     assert torch.isfinite(mil_loss(out, torch.tensor([1, 0])))
+
+
+def _images(n=6, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g).numpy()
+
+
+def test_cached_teacher_gives_the_live_teacher_loss():
+    from ikdmil.engine.distill import TeacherTargets
+    from ikdmil.engine.loop import BatchMeta
+
+    teacher, student = _models()
+    freeze(teacher)
+    images = _images()
+    cpu = torch.device("cpu")
+    targets = TeacherTargets(images, cpu, amp=False, batch_size=4)
+    targets.refresh(teacher)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    y = torch.tensor([1, 0, 1, 0, 1, 1])
+    meta = BatchMeta(torch.arange(6), None)
+    results = []
+    for cache in (None, targets):
+        s = copy.deepcopy(student)
+        opt = student_optimizer(s, 1e-3, 0.0)
+        step = make_distill_step(s, teacher, opt, cpu, amp=False, wce_scale=0.25, targets=cache)
+        results.append((step(x, y, meta), {n: p.grad.clone() for n, p in s.named_parameters()}))
+    (live, g_live), (cached, g_cached) = results
+    for k in ("loss", "kd", "wce"):
+        assert cached[k] == pytest.approx(live[k], rel=1e-3, abs=1e-4), k  # float16 storage of the maps
+    for n in g_live:
+        assert torch.allclose(g_live[n], g_cached[n], rtol=2e-2, atol=1e-5), n
+
+
+def test_cached_targets_follow_the_image_augmentation():
+    from ikdmil.engine.distill import TeacherTargets
+    from ikdmil.engine.loop import BatchMeta, dihedral
+
+    teacher, _ = _models()
+    freeze(teacher)
+    images = _images(n=8)
+    targets = TeacherTargets(images, torch.device("cpu"), amp=False, batch_size=3)
+    targets.refresh(teacher)
+    index = torch.tensor([5, 0, 7, 2, 1, 3, 6, 4])
+    ops = torch.arange(8)  # every flip/rotation once
+    with torch.no_grad():
+        plain = teacher(torch.from_numpy(images).permute(0, 3, 1, 2)).fused
+    expected = dihedral(plain[index], ops)
+    got = targets(BatchMeta(index, ops))
+    assert torch.allclose(got, expected, atol=1e-3)
+    assert not torch.allclose(got, plain[index], atol=1e-3)  # the ops really transformed the maps

@@ -32,6 +32,7 @@ TRAIN_HELP = {
     "device": "auto | cpu | cuda",
     "amp": "bf16 autocast on CUDA",
     "augment": "random flips and 90-degree rotations",
+    "teacher_cache": "stage 2: compute the frozen teacher's maps once per cycle instead of every batch",
 }
 
 

@@ -31,6 +31,7 @@ class RunConfig:
     swap_every: int = 30  # validate teacher vs student and maybe swap every N stage-2 epochs
     wce_scale: float = 0.25  # a in L_s = L_kd + a * L_wce
     augment: bool = True  # random flips and 90-degree rotations (applied to teacher and student alike)
+    teacher_cache: bool = True  # stage 2: teacher maps computed once per cycle, augmented like the images
     eval_sigma: float = 3.0  # Gaussian smoothing of the fused map before thresholding (paper: 3)
     threshold: float = 0.5
     seed: int = 0

@@ -6,7 +6,8 @@ import copy
 
 import torch
 
-from ikdmil.engine.loop import autocast
+from ikdmil.engine.evaluate import iter_fused
+from ikdmil.engine.loop import BatchMeta, autocast, dihedral
 from ikdmil.losses import student_loss
 
 
@@ -27,13 +28,48 @@ def student_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Opti
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
-def make_distill_step(student, teacher, opt: torch.optim.Optimizer, device: torch.device, amp: bool,
-                      wce_scale: float):
-    """The teacher is frozen and runs under no_grad; only the student learns."""
+class TeacherTargets:
+    """The frozen teacher's fused maps for the whole training set, computed once per cycle.
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        with torch.no_grad(), autocast(device, amp):
-            target = teacher(x).fused.float()
+    Within a cycle the teacher does not change, so one forward pass over the training set replaces
+    one per batch per epoch. Maps are kept as float16 (on the GPU when they fit in a quarter of its
+    free memory, else in host memory). Augmentation is applied to the cached map exactly as to the
+    image (same dihedral op per sample): the target is `aug(teacher(x))` instead of the live
+    `teacher(aug(x))`; set `teacher_cache: false` to run the teacher live on augmented images.
+    """
+
+    def __init__(self, images, device: torch.device, amp: bool, batch_size: int):
+        self.images, self.device, self.amp, self.batch_size = images, device, amp, batch_size
+        n, h, w = images.shape[:3]
+        store = torch.device("cpu")
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            store = device if n * h * w * 2 < free // 4 else store
+        self.maps = torch.empty((n, 1, h, w), dtype=torch.float16, device=store)
+        if store.type == "cpu" and device.type == "cuda":
+            self.maps = self.maps.pin_memory()
+
+    def refresh(self, teacher) -> None:
+        for start, fused in iter_fused(teacher, self.images, self.device, self.batch_size, self.amp,
+                                       desc="teacher maps"):
+            self.maps[start:start + len(fused)] = fused.to(self.maps.device, torch.float16)
+
+    def __call__(self, meta: BatchMeta) -> torch.Tensor:
+        target = self.maps[meta.index.to(self.maps.device)].to(self.device, non_blocking=True).float()
+        return target if meta.ops is None else dihedral(target, meta.ops)
+
+
+def make_distill_step(student, teacher, opt: torch.optim.Optimizer, device: torch.device, amp: bool,
+                      wce_scale: float, targets: TeacherTargets | None = None):
+    """Only the student learns. The teacher's fused map comes from `targets` (cached per cycle) or,
+    without a cache, from the frozen teacher run live under no_grad on the (augmented) batch."""
+
+    def step(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta | None = None) -> dict[str, float]:
+        if targets is not None:
+            target = targets(meta)
+        else:
+            with torch.no_grad(), autocast(device, amp):
+                target = teacher(x).fused.float()
         student.train()
         with autocast(device, amp):
             out = student(x)

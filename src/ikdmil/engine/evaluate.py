@@ -16,19 +16,26 @@ from ikdmil.visualize import overlay, side_by_side
 
 
 @torch.no_grad()
+def iter_fused(model, images: np.ndarray, device: torch.device, batch_size: int = 32, amp: bool = True,
+               progress: bool = False, desc: str = "predicting"):
+    """Yield (start, fused (b,1,S,S) tensor on `device`) over uint8 (N,S,S,3) images, model in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
+            x = torch.from_numpy(np.array(images[start:start + batch_size])).to(device).permute(0, 3, 1, 2)
+            with autocast(device, amp):
+                yield start, model(x).fused
+    finally:
+        model.train(was_training)
+
+
 def predict_fused(model, images: np.ndarray, device: torch.device, batch_size: int = 32, amp: bool = True,
                   progress: bool = False, desc: str = "predicting") -> np.ndarray:
     """Fused tumour probability (N,S,S) float32 for uint8 (N,S,S,3) images."""
-    was_training = model.training
-    model.eval()
     out = np.empty(images.shape[:3], np.float32)
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
-        x = torch.from_numpy(np.array(images[start:start + batch_size])).to(device)
-        x = x.permute(0, 3, 1, 2)
-        with autocast(device, amp):
-            fused = model(x).fused
-        out[start:start + len(x)] = fused[:, 0].float().cpu().numpy()
-    model.train(was_training)
+    for start, fused in iter_fused(model, images, device, batch_size, amp, progress, desc):
+        out[start:start + len(fused)] = fused[:, 0].float().cpu().numpy()
     return out
 
 

@@ -7,6 +7,7 @@ import csv
 import io
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -54,11 +55,21 @@ class Augmenter:
         self.enabled = enabled
         self.gen = torch.Generator().manual_seed(seed + 7919)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Augmented batch and the op drawn per sample (None when disabled), so that targets
+        cached for the un-augmented images can be transformed identically."""
         if not self.enabled:
-            return x
+            return x, None
         ops = torch.randint(0, 8, (x.shape[0],), generator=self.gen).to(x.device)
-        return dihedral(x, ops)
+        return dihedral(x, ops), ops
+
+
+@dataclass
+class BatchMeta:
+    """Which dataset rows a batch holds and how each was augmented."""
+
+    index: torch.Tensor
+    ops: torch.Tensor | None
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int, device: torch.device):
@@ -77,21 +88,21 @@ def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int
 
 
 def run_epoch(
-    step: Callable[[torch.Tensor, torch.Tensor], dict[str, float]],
+    step: Callable[..., dict[str, float]],
     loader,
     device: torch.device,
     augment: Augmenter,
     desc: str,
     progress: bool,
 ) -> dict[str, float]:
-    """One pass over `loader`; `step(x, y)` does forward/backward/update and returns its losses."""
+    """One pass over `loader`; `step(x, y, meta)` does forward/backward/update and returns its losses."""
     totals: dict[str, float] = {}
     n = 0
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for x, y, _ in bar:
-        x = augment(x.to(device, non_blocking=True))
+    for x, y, index in bar:
+        x, ops = augment(x.to(device, non_blocking=True))
         y = y.to(device, non_blocking=True)
-        losses = step(x, y)
+        losses = step(x, y, BatchMeta(index, ops))
         b = x.shape[0]
         n += b
         for k, v in losses.items():

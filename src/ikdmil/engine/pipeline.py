@@ -22,7 +22,7 @@ from ikdmil.config import RunConfig
 from ikdmil.data.dataset import PatchDataset, build_cache
 from ikdmil.data.io import write_text
 from ikdmil.data.manifest import load_samples, select_split
-from ikdmil.engine.distill import freeze, make_distill_step, student_optimizer, swap_roles
+from ikdmil.engine.distill import TeacherTargets, freeze, make_distill_step, student_optimizer, swap_roles
 from ikdmil.engine.evaluate import evaluate_model, predict_fused
 from ikdmil.engine.loop import (
     Augmenter,
@@ -216,8 +216,12 @@ class Pipeline:
                 opt = student_optimizer(student, cfg.lr, cfg.weight_decay)
                 if self.resume and st.get("optimizer") is not None and st["phase"] == "distill":
                     opt.load_state_dict(st["optimizer"])
+                targets = None
+                if cfg.teacher_cache:
+                    targets = TeacherTargets(self.train_arrays.images, self.device, cfg.amp, cfg.batch_size * 2)
+                    targets.refresh(teacher)
                 while epoch < cfg.distill_epochs:
-                    step = make_distill_step(student, teacher, opt, self.device, cfg.amp, cfg.wce_scale)
+                    step = make_distill_step(student, teacher, opt, self.device, cfg.amp, cfg.wce_scale, targets)
                     t0 = time.perf_counter()
                     losses = run_epoch(step, self.loader, self.device, self.augment,
                                        f"distill {epoch + 1}/{cfg.distill_epochs}", self.progress)
@@ -231,6 +235,8 @@ class Pipeline:
                                                    "state": copy.deepcopy(student.state_dict())}
                         if s_score > sel["teacher_score"] and epoch < cfg.distill_epochs:
                             swap_roles(teacher, student)
+                            if targets is not None:
+                                targets.refresh(teacher)
                             sel["teacher_score"] = s_score
                             sel["swaps"] += 1
                             row["swapped"] = True

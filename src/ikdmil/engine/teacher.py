@@ -16,7 +16,7 @@ def teacher_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Opti
 
 
 def make_teacher_step(model, opt: torch.optim.Optimizer, device: torch.device, amp: bool):
-    def step(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def step(x: torch.Tensor, y: torch.Tensor, meta=None) -> dict[str, float]:
         model.train()
         with autocast(device, amp):
             out = model(x)
@@ -40,7 +40,7 @@ def fusion_optimizer(model, lr: float) -> torch.optim.Optimizer:
 def make_fusion_step(model, opt: torch.optim.Optimizer, device: torch.device, amp: bool):
     """Fit w in f_w = sum softmax(w)_i f_i with the MIL Dice on the fused map; the network is frozen."""
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    def step(x: torch.Tensor, y: torch.Tensor, meta=None) -> dict[str, float]:
         model.eval()
         with torch.no_grad(), autocast(device, amp):
             sides = [torch.sigmoid(s).float() for s in model.side_logits(x)]
