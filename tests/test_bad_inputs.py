@@ -353,7 +353,7 @@ def _bad_models(tmp_path: Path, vgg) -> dict[str, tuple[Path, list[str]]]:
     return {
         "wrong-shapes": (_model_file(folder / "other_shapes.safetensors", wrong_shape, {}), ["another model"]),
         "other-keys": (_model_file(folder / "other_keys.safetensors", renamed, {}), ["another model"]),
-        "unknown-backbone": (_model_file(folder / "resnet.safetensors", state, {"backbone": "resnet50"}),
+        "unknown-backbone": (_model_file(folder / "mystery.safetensors", state, {"backbone": "no_such_backbone"}),
                              ["does not have", "trained with"]),
         "other-format": (_model_file(folder / "v9.safetensors", state, {"format": "ikdmil-model-9"}),
                          ["version", "retrain"]),

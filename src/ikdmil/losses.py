@@ -11,16 +11,24 @@
   per-image pixel weights `softmax(-ce)` (computed without gradient) so that easy pixels count
   more and the teacher's noise is not amplified.
 - `student_loss = fusion_kd_loss + a * weighted_ce` with a = 0.25.
+- `gem_mil_loss` (the MIL baselines' teacher loss, `--teacher-loss gem`): each map is pooled to an
+  image score by the generalised mean `(mean p^r)^(1/r)`, r = 4 (between mean and max pooling: a few
+  confident pixels make a positive bag), then binary cross-entropy against the image label; summed
+  over the fused map and every side map. `TEACHER_LOSSES` names the stage-1 losses.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
+from ikdmil.errors import IkdmilError
 from ikdmil.models.heads import MILOutput
 
 EPS = 1.0  # Dice smoothing, in pixels
 PROB_CLAMP = 1e-6
+GEM_POWER = 4.0  # r of the generalised-mean pooling in the baselines' MIL loss
 
 
 def dice_loss(pred: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -43,6 +51,39 @@ def mil_targets(labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def mil_loss(out: MILOutput, labels: torch.Tensor) -> torch.Tensor:
     target = mil_targets(labels, out.fused)
     return sum(dice_loss(m, target, labels) for m in out.all_maps())
+
+
+def gem_pool(pred: torch.Tensor, r: float = GEM_POWER) -> torch.Tensor:
+    """(B,1,H,W) probabilities -> (B,) image scores `(mean p^r)^(1/r)`, in float32.
+
+    p is clamped away from 0 so that the r-th root has a finite gradient on an all-zero map.
+    """
+    return pred.float().clamp(PROB_CLAMP, 1.0).pow(r).flatten(1).mean(1).pow(1.0 / r)
+
+
+def gem_bce(pred: torch.Tensor, labels: torch.Tensor, r: float = GEM_POWER) -> torch.Tensor:
+    """Mean over the batch of BCE(gem_pool(pred), label)."""
+    s = gem_pool(pred, r).clamp(PROB_CLAMP, 1.0 - PROB_CLAMP)
+    y = labels.float().view(-1)
+    return -(y * torch.log(s) + (1.0 - y) * torch.log1p(-s)).mean()
+
+
+def gem_mil_loss(out: MILOutput, labels: torch.Tensor) -> torch.Tensor:
+    return sum(gem_bce(m, labels) for m in out.all_maps())
+
+
+#: stage-1 (teacher and fusion-fit) losses by `RunConfig.teacher_loss` name
+TEACHER_LOSSES: dict[str, Callable[[MILOutput, torch.Tensor], torch.Tensor]] = {
+    "dice": mil_loss,
+    "gem": gem_mil_loss,
+}
+
+
+def teacher_loss(name: str) -> Callable[[MILOutput, torch.Tensor], torch.Tensor]:
+    try:
+        return TEACHER_LOSSES[name]
+    except KeyError:
+        raise IkdmilError(f"--teacher-loss {name!r}: choose one of {', '.join(TEACHER_LOSSES)}") from None
 
 
 def fusion_kd_loss(student: MILOutput, teacher_fused: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

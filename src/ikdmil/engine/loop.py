@@ -6,16 +6,50 @@ import contextlib
 import csv
 import io
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ikdmil.data.io import atomic_path, write_text
 from ikdmil.errors import IkdmilError
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPU) and pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed(), resolve_device(device_name)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank), device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,12 +106,20 @@ class BatchMeta:
     ops: torch.Tensor | None
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int, device: torch.device):
+def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int, device: torch.device,
+                dist: Distributed | None = None):
+    """Shuffling loader; under torchrun a DistributedSampler gives each rank its own shard
+    (--batch-size is per process) and is reshuffled by `set_loader_epoch`."""
     gen = torch.Generator().manual_seed(seed)
+    sampler = None
+    if dist is not None and dist.world > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank,
+                                                      shuffle=shuffle, seed=seed)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
         generator=gen,
         num_workers=workers,
         pin_memory=device.type == "cuda",
@@ -85,6 +127,64 @@ def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int
         drop_last=False,
     )
     return loader, gen
+
+
+class MemoryLoader:
+    """The whole training set as one uint8 tensor on the device (the GPU when it fits), batched by
+    index from a seeded permutation: no per-item Python, no host-to-device copies per step.
+
+    Under torchrun every rank draws the same permutation (same seed) and takes its own stride of it.
+    Yields (uint8 B,3,S,S images, labels, dataset indices) like the DataLoader over PatchDataset.
+    """
+
+    def __init__(self, images, labels, batch_size: int, seed: int, device: torch.device,
+                 dist: Distributed | None = None):
+        x = torch.empty(images.shape, dtype=torch.uint8, device=device)  # (N,S,S,3)
+        for start in range(0, len(images), 1024):  # chunked: host memory stays bounded
+            x[start:start + 1024].copy_(torch.from_numpy(np.array(images[start:start + 1024])))
+        self.images = x.permute(0, 3, 1, 2)  # NCHW view in channels_last memory order, no copy
+        self.labels = torch.as_tensor(np.asarray(labels), device=device)
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.dist = dist or Distributed()
+
+    def _order(self) -> torch.Tensor:
+        perm = torch.randperm(len(self.labels), generator=self.generator)
+        if self.dist.world > 1:  # pad to a multiple of the world size like DistributedSampler
+            pad = (-len(perm)) % self.dist.world
+            perm = torch.cat([perm, perm[:pad]])[self.dist.rank::self.dist.world]
+        return perm
+
+    def __len__(self) -> int:
+        n = -(-len(self.labels) // self.dist.world)
+        return -(-n // self.batch_size)
+
+    def __iter__(self):
+        order = self._order()
+        for start in range(0, len(order), self.batch_size):
+            index = order[start:start + self.batch_size]
+            on_device = index.to(self.images.device)
+            yield self.images[on_device], self.labels[on_device], index
+
+
+def fits_on_device(nbytes: int, device: torch.device, share: float = 0.4) -> bool:
+    """Whether `nbytes` fit in `share` of the GPU's free memory (False on CPU)."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes < share * free
+
+
+def all_reduce_mean(grad: torch.Tensor) -> torch.Tensor:
+    """Gradient hook: the mean of this tensor over all ranks."""
+    grad = grad.clone()
+    torch.distributed.all_reduce(grad)
+    return grad / torch.distributed.get_world_size()
+
+
+def set_loader_epoch(loader, epoch: int) -> None:
+    if isinstance(getattr(loader, "sampler", None), torch.utils.data.DistributedSampler):
+        loader.sampler.set_epoch(epoch)
 
 
 def run_epoch(
@@ -110,16 +210,24 @@ def run_epoch(
                 raise IkdmilError(f"{desc}: loss became {v}; lower --lr or check the input images")
             totals[k] = totals.get(k, 0.0) + v * b
         bar.set_postfix(loss=f"{losses['loss']:.4f}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # mean over all ranks' images
+        keys = sorted(totals)
+        t = torch.tensor([totals[k] for k in keys] + [float(n)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        totals, n = dict(zip(keys, t[:-1].tolist())), int(t[-1])
     return {k: v / max(n, 1) for k, v in totals.items()}
 
 
 class MetricsLog:
     """Per-epoch rows in metrics.csv (rewritten atomically) and, if installed, TensorBoard."""
 
-    def __init__(self, run_dir: Path, rows: list[dict] | None = None):
+    def __init__(self, run_dir: Path, rows: list[dict] | None = None, write: bool = True):
         self.path = run_dir / "metrics.csv"
         self.rows = list(rows or [])
+        self.write = write  # under torchrun only rank 0 writes
         self.tb = None
+        if not write:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -129,6 +237,8 @@ class MetricsLog:
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
+        if not self.write:
+            return
         keys: list[str] = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]

@@ -29,10 +29,14 @@ from ikdmil.engine.loop import (
     MetricsLog,
     Timer,
     load_checkpoint,
+    MemoryLoader,
+    all_reduce_mean,
+    fits_on_device,
     make_loader,
-    resolve_device,
     run_epoch,
     save_checkpoint,
+    set_loader_epoch,
+    setup_distributed,
 )
 from ikdmil.engine.teacher import fusion_optimizer, make_fusion_step, make_teacher_step, teacher_optimizer
 from ikdmil.errors import IkdmilError
@@ -58,7 +62,8 @@ class Pipeline:
         self.cfg = cfg.validate()
         self.progress = progress
         self.run_dir = Path(cfg.out)
-        self.device = resolve_device(cfg.device)
+        self.dist, self.device = setup_distributed(cfg.device)
+        self.progress = progress and self.dist.is_main
         self.first_phase, self.last_phase = first_phase, last_phase
         self.teacher_file = teacher_file
         self.epoch_hooks: list[Callable[[str, int], None]] = []  # called after each checkpoint
@@ -78,10 +83,15 @@ class Pipeline:
         self.val_samples = select_split(samples, "val", cfg.data, need_both=False)
         self.test_samples = [s for s in samples if s.split == "test"]
         cache = cfg.cache_dir or None
+        progress = self.progress
+        if not self.dist.is_main:
+            self.dist.barrier()  # rank 0 builds the preprocessing cache, the others then read it
         self.train_arrays = build_cache(self.train_samples, cfg.input_size, cache, progress, "caching train")
         self.val_arrays = build_cache(self.val_samples, cfg.input_size, cache, progress, "caching val")
         self.test_arrays = (build_cache(self.test_samples, cfg.input_size, cache, progress, "caching test")
                             if self.test_samples else None)
+        if self.dist.is_main:
+            self.dist.barrier()
         self.val_has_masks = bool(self.val_arrays.has_mask.all())
         if not self.val_has_masks:
             _say("note: some validation positives have no mask; model selection uses the validation MIL loss",
@@ -96,8 +106,23 @@ class Pipeline:
         # channels_last is faster for these convs on both CUDA and CPU (oneDNN): ~1.3x on 2 CPU cores
         return model.to(self.device, memory_format=torch.channels_last)
 
+    def _train_view(self, model):
+        """The module the optimiser steps through: DDP-wrapped under torchrun (call after setting
+        requires_grad for the phase, since DDP registers exactly the trainable parameters)."""
+        view = model
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            view = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return torch.compile(view) if self.cfg.compile else view
+
+    def _save_model(self, model, name: str, **meta) -> None:
+        if self.dist.is_main:
+            save_model(model, self.run_dir / name, input_size=self.cfg.input_size, **meta)
+
     def val_score(self, model) -> float:
-        """Validation F1 (all patches), or minus the MIL loss when validation masks are missing."""
+        """Validation F1 (all patches), or minus the MIL loss when validation masks are missing.
+
+        Every rank scores the whole (small) validation split, so all ranks take the same swap decision."""
         if self.val_has_masks:
             summary, _, _ = evaluate_model(model, self.val_arrays, self.device, self.cfg.eval_sigma,
                                            self.cfg.threshold, self.cfg.batch_size * 2, self.cfg.amp)
@@ -112,17 +137,26 @@ class Pipeline:
         state["rng"] = {"torch": torch.get_rng_state(), "loader": self.loader_gen.get_state(),
                         "aug": self.augment.gen.get_state()}
         state["rows"] = self.log.rows
-        save_checkpoint(self.ckpt_path, state)
+        if self.dist.is_main:
+            save_checkpoint(self.ckpt_path, state)
         for hook in self.epoch_hooks:
             hook(state["phase"], state["epoch"])
 
     # ----------------------------------------------------------------- main
     def run(self) -> dict:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         timer = Timer()
-        dataset = PatchDataset(self.train_arrays)
-        self.loader, self.loader_gen = make_loader(dataset, cfg.batch_size, True, cfg.seed, cfg.workers, self.device)
+        images = self.train_arrays.images
+        in_memory = cfg.loader == "memory" or (cfg.loader == "auto" and fits_on_device(images.nbytes, self.device))
+        if in_memory:
+            self.loader = MemoryLoader(images, self.train_arrays.labels, cfg.batch_size, cfg.seed, self.device,
+                                       self.dist)
+            self.loader_gen = self.loader.generator
+        else:
+            self.loader, self.loader_gen = make_loader(PatchDataset(self.train_arrays), cfg.batch_size, True,
+                                                       cfg.seed, cfg.workers, self.device, self.dist)
         self.augment = Augmenter(cfg.seed, cfg.augment)
 
         teacher = self._new_model(0)
@@ -137,6 +171,7 @@ class Pipeline:
             load_state_checked(teacher, st["teacher"], self.ckpt_path)
             phase, epoch = st["phase"], st["epoch"]
             sel = st["selection"]
+            sel.setdefault("epochs_run", 0)
             if st.get("student") is not None:
                 student = self._new_model(1)
                 load_state_checked(student, st["student"], self.ckpt_path)
@@ -144,15 +179,21 @@ class Pipeline:
         else:
             rows = []
             phase, epoch = self.first_phase, 0
-            sel = {"teacher_best": None, "student_best": None, "teacher_score": None, "swaps": 0}
+            sel = {"teacher_best": None, "student_best": None, "teacher_score": None, "swaps": 0, "epochs_run": 0}
             if phase == "distill":
                 loaded, _ = load_model(self.teacher_file, self.device, expect_backbone=cfg.backbone)
                 teacher.load_state_dict(loaded.state_dict())
                 sel["teacher_score"] = self.val_score(teacher)
-                save_model(teacher, self.run_dir / "teacher.safetensors", input_size=cfg.input_size,
-                           role="teacher", val_score=sel["teacher_score"], source=str(self.teacher_file))
-        cfg.save(self.run_dir / "config.yaml")  # on --resume too: options given then are recorded
-        self.log = MetricsLog(self.run_dir, rows)
+                self._save_model(teacher, "teacher.safetensors", role="teacher", val_score=sel["teacher_score"],
+                                 source=str(self.teacher_file))
+        if self.dist.is_main:
+            cfg.save(self.run_dir / "config.yaml")  # on --resume too: options given then are recorded
+        self.log = MetricsLog(self.run_dir, rows, write=self.dist.is_main)
+
+        def epoch_loader():
+            set_loader_epoch(self.loader, sel["epochs_run"])
+            sel["epochs_run"] += 1
+            return self.loader
 
         def state(**kw):
             return {"phase": phase, "epoch": epoch, "teacher": teacher.state_dict(),
@@ -165,10 +206,10 @@ class Pipeline:
                 opt = teacher_optimizer(teacher, cfg.lr, cfg.weight_decay)
                 if self.resume and st.get("optimizer") is not None:
                     opt.load_state_dict(st["optimizer"])
-                step = make_teacher_step(teacher, opt, self.device, cfg.amp)
+                step = make_teacher_step(self._train_view(teacher), opt, self.device, cfg.amp, cfg.teacher_loss)
                 while epoch < cfg.teacher_epochs:
                     t0 = time.perf_counter()
-                    losses = run_epoch(step, self.loader, self.device, self.augment,
+                    losses = run_epoch(step, epoch_loader(), self.device, self.augment,
                                        f"teacher {epoch + 1}/{cfg.teacher_epochs}", self.progress)
                     score = self.val_score(teacher)
                     epoch += 1
@@ -190,17 +231,18 @@ class Pipeline:
                 opt = fusion_optimizer(teacher, FUSION_LR)
                 if self.resume and st.get("optimizer") is not None and st["phase"] == "fusion":
                     opt.load_state_dict(st["optimizer"])
-                step = make_fusion_step(teacher, opt, self.device, cfg.amp)
+                if self.dist.world > 1:  # three scalars: average their gradient across ranks directly
+                    teacher.fusion_logits.register_hook(all_reduce_mean)
+                step = make_fusion_step(teacher, opt, self.device, cfg.amp, cfg.teacher_loss)
                 while epoch < cfg.fusion_epochs:
-                    losses = run_epoch(step, self.loader, self.device, self.augment,
+                    losses = run_epoch(step, epoch_loader(), self.device, self.augment,
                                        f"fusion {epoch + 1}/{cfg.fusion_epochs}", self.progress)
                     epoch += 1
                     w = [round(float(v), 4) for v in teacher.fusion_weights.detach()]
                     self.log.add({"phase": "fusion", "epoch": epoch, **losses, "fusion_weights": " ".join(map(str, w))})
                     self._save(state())
                 sel["teacher_score"] = self.val_score(teacher)
-                save_model(teacher, self.run_dir / "teacher.safetensors", input_size=cfg.input_size,
-                           role="teacher", val_score=sel["teacher_score"])
+                self._save_model(teacher, "teacher.safetensors", role="teacher", val_score=sel["teacher_score"])
                 _say(f"teacher: fusion weights {[round(float(v), 3) for v in teacher.fusion_weights.detach()]}, "
                      f"val {sel['teacher_score']:.4f} -> {self.run_dir / 'teacher.safetensors'}", self.progress)
                 phase, epoch, opt = ("distill" if self.last_phase == "distill" else "done"), 0, None
@@ -221,9 +263,10 @@ class Pipeline:
                     targets = TeacherTargets(self.train_arrays.images, self.device, cfg.amp, cfg.batch_size * 2)
                     targets.refresh(teacher)
                 while epoch < cfg.distill_epochs:
-                    step = make_distill_step(student, teacher, opt, self.device, cfg.amp, cfg.wce_scale, targets)
+                    step = make_distill_step(self._train_view(student), teacher, opt, self.device, cfg.amp,
+                                             cfg.wce_scale, targets)
                     t0 = time.perf_counter()
-                    losses = run_epoch(step, self.loader, self.device, self.augment,
+                    losses = run_epoch(step, epoch_loader(), self.device, self.augment,
                                        f"distill {epoch + 1}/{cfg.distill_epochs}", self.progress)
                     epoch += 1
                     row = {"phase": "distill", "epoch": epoch, "cycle": sel["swaps"], **losses}
@@ -249,14 +292,15 @@ class Pipeline:
                     self._save(state())
                 if sel["student_best"] is not None:
                     student.load_state_dict(sel["student_best"]["state"])
-                    save_model(student, self.run_dir / "student.safetensors", input_size=cfg.input_size,
-                               role="student", val_score=sel["student_best"]["score"])
+                    self._save_model(student, "student.safetensors", role="student",
+                                     val_score=sel["student_best"]["score"])
                 phase, epoch, opt = "done", 0, None
                 self._save(state())
         finally:
             self.log.close()
 
-        return self.finish(sel, timer())
+        self.dist.barrier()  # rank 0's model files are complete before anyone reads them
+        return self.finish(sel, timer()) if self.dist.is_main else {}
 
     def finish(self, sel: dict, seconds: float) -> dict:
         """Pick the model for `predict` on validation, evaluate on test, write results.json."""
@@ -267,7 +311,8 @@ class Pipeline:
         if (self.run_dir / "student.safetensors").is_file():
             candidates.append(("student", self.run_dir / "student.safetensors"))
         results = {"ikdmil": __version__, "run_dir": str(self.run_dir), "device": str(self.device),
-                   "host": platform.node(), "seconds": round(seconds, 1), "swaps": sel.get("swaps", 0),
+                   "host": platform.node(), "world_size": self.dist.world, "seconds": round(seconds, 1),
+                   "swaps": sel.get("swaps", 0),
                    "selection_metric": "val F1" if self.val_has_masks else "val -MIL loss",
                    "models": {}}
         test_arrays = self.test_arrays

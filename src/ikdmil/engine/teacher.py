@@ -1,11 +1,16 @@
-"""Stage 1: the MIL teacher (pixels are instances, images are bags) and the fusion-weight fit."""
+"""Stage 1: the MIL teacher (pixels are instances, images are bags) and the fusion-weight fit.
+
+Both steps take the stage-1 loss by name (`RunConfig.teacher_loss`): IKD's Dice ("dice") or the MIL
+baselines' GeM-pooled BCE ("gem"), so a baseline teacher is trained exactly as its paper did.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from ikdmil.engine.loop import autocast
-from ikdmil.losses import dice_loss, mil_loss, mil_targets
+from ikdmil.losses import teacher_loss
+from ikdmil.models.heads import MILOutput
 
 
 def teacher_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -15,16 +20,18 @@ def teacher_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Opti
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
-def make_teacher_step(model, opt: torch.optim.Optimizer, device: torch.device, amp: bool):
+def make_teacher_step(model, opt: torch.optim.Optimizer, device: torch.device, amp: bool, loss: str = "dice"):
+    loss_fn = teacher_loss(loss)
+
     def step(x: torch.Tensor, y: torch.Tensor, meta=None) -> dict[str, float]:
         model.train()
         with autocast(device, amp):
             out = model(x)
-        loss = mil_loss(out, y)
+        value = loss_fn(out, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
-        return {"loss": float(loss.detach())}
+        return {"loss": float(value.detach())}
 
     return step
 
@@ -37,8 +44,9 @@ def fusion_optimizer(model, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam([model.fusion_logits], lr=lr)
 
 
-def make_fusion_step(model, opt: torch.optim.Optimizer, device: torch.device, amp: bool):
-    """Fit w in f_w = sum softmax(w)_i f_i with the MIL Dice on the fused map; the network is frozen."""
+def make_fusion_step(model, opt: torch.optim.Optimizer, device: torch.device, amp: bool, loss: str = "dice"):
+    """Fit w in f_w = sum softmax(w)_i f_i with the stage-1 loss on the fused map; the network is frozen."""
+    loss_fn = teacher_loss(loss)
 
     def step(x: torch.Tensor, y: torch.Tensor, meta=None) -> dict[str, float]:
         model.eval()
@@ -46,10 +54,10 @@ def make_fusion_step(model, opt: torch.optim.Optimizer, device: torch.device, am
             sides = [torch.sigmoid(s).float() for s in model.side_logits(x)]
         w = model.fusion_weights
         fused = sum(wi * s for wi, s in zip(w, sides))
-        loss = dice_loss(fused, mil_targets(y, fused), y)
+        value = loss_fn(MILOutput(sides=[], fused=fused), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
-        return {"loss": float(loss.detach())}
+        return {"loss": float(value.detach())}
 
     return step

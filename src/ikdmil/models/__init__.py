@@ -6,4 +6,4 @@ from ikdmil.models.registry import available_backbones, create_model, register_b
 __all__ = ["MILOutput", "MILSegmenter", "available_backbones", "create_model", "register_backbone"]
 
 # importing the family modules registers their backbones
-from ikdmil.models import vgg  # noqa: E402,F401
+from ikdmil.models import resnet, sa_mil, swin, vgg  # noqa: E402,F401

