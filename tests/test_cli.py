@@ -6,7 +6,7 @@ import pytest
 
 from ikdmil.cli import build_parser, main
 
-COMMANDS = ["demo", "synth", "prepare", "train", "run", "distill", "evaluate"]
+COMMANDS = ["demo", "synth", "prepare", "train", "run", "distill", "evaluate", "predict"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

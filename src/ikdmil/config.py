@@ -24,6 +24,7 @@ class RunConfig:
     pretrained: str = "imagenet"
     teacher_loss: str = "dice"  # stage-1 loss: dice (IKD) | gem (the MIL baselines' GeM-pooled BCE)
     input_size: int = 256
+    model_mpp: float = 0.0  # µm/px of the model input after resizing (saved for predict; 0 = not known)
     batch_size: int = 16
     lr: float = 5e-5
     weight_decay: float = 5e-4
@@ -56,6 +57,7 @@ class RunConfig:
             (self.swap_every >= 1, "--swap-every must be at least 1"),
             (0.0 < self.threshold < 1.0, "--threshold must be in (0, 1)"),
             (self.eval_sigma >= 0, "--eval-sigma must be >= 0"),
+            (self.model_mpp >= 0, "--model-mpp must be >= 0 (0 = not known)"),
             (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
             (self.loader in ("auto", "memory", "workers"), "--loader must be auto, memory or workers"),
             (self.teacher_loss in TEACHER_LOSSES,

@@ -32,6 +32,13 @@ from ikdmil.errors import IkdmilError
 Image.MAX_IMAGE_PIXELS = None  # large histology tiles are normal; we never open whole slides here
 
 
+def chmod_default(path: str | os.PathLike, mode: int) -> None:
+    """chmod to `mode` minus the process umask, i.e. what a plain open()/mkdir() would have given."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds.
@@ -45,6 +52,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        chmod_default(tmp_path, 0o666)  # mkstemp makes 0600 files; give outputs the usual mode
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -117,6 +117,8 @@ class Pipeline:
 
     def _save_model(self, model, name: str, **meta) -> None:
         if self.dist.is_main:
+            if self.cfg.model_mpp > 0:  # lets `predict` read slides at the training resolution
+                meta.setdefault("mpp", self.cfg.model_mpp)
             save_model(model, self.run_dir / name, input_size=self.cfg.input_size, **meta)
 
     def val_score(self, model) -> float:

@@ -1,0 +1,138 @@
+"""What the patch preparers (Camelyon16, DigestPath) share: a resumable output folder and the summary.
+
+Resumable output: work is done in units (one slide or one image). Every file is written atomically,
+and when a unit is complete its records go to ``OUT/.ikdmil-prepare/done/UNIT.json``; a run started
+again with the same options skips the finished units and redoes only the unfinished one. The options
+are kept in ``OUT/.ikdmil-prepare/settings.json``: running into the same folder with other options
+is refused (the outputs would mix). The manifest and the summary are written last, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from ikdmil.data.io import write_text
+from ikdmil.data.manifest import MANIFEST_NAME, SPLITS, Sample, write_manifest
+from ikdmil.errors import IkdmilError
+
+STATE_DIR = ".ikdmil-prepare"
+HIST_BINS = 10
+
+
+def natural_key(text: str) -> list:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+class ResumableOutput:
+    def __init__(self, out: str | os.PathLike, preparer: str, settings: dict, sources: list[Path],
+                 summary_name: str):
+        self.out = Path(out).absolute()
+        self.preparer = preparer
+        self.summary_name = summary_name
+        self.settings = json.loads(json.dumps(settings, default=str))
+        out_r = self.out.resolve()
+        if self.out.exists() and not self.out.is_dir():
+            raise IkdmilError(f"{self.out}: exists and is a file; choose an output folder")
+        for src in sources:
+            src_r = Path(src).resolve()
+            if out_r == src_r or src_r in out_r.parents or out_r in src_r.parents:
+                raise IkdmilError(f"{self.out}: overlaps the source folder {src}; choose an output folder outside it")
+        self.state = self.out / STATE_DIR
+        settings_file = self.state / "settings.json"
+        if self.out.is_dir() and any(self.out.iterdir()):
+            if not settings_file.is_file():
+                raise IkdmilError(
+                    f"{self.out}: folder is not empty and is not an unfinished or finished {preparer} preparation; "
+                    "choose a new or empty output folder"
+                )
+            try:
+                old = json.loads(settings_file.read_text())
+            except (OSError, ValueError):
+                old = {}
+            if old.get("preparer") != preparer or old.get("settings") != self.settings:
+                diff = _diff(old.get("settings") or {}, self.settings)
+                raise IkdmilError(
+                    f"{self.out}: was prepared by {old.get('preparer', 'something else')} with other options "
+                    f"({diff}); use a new output folder, or the same options to resume"
+                )
+        (self.state / "done").mkdir(parents=True, exist_ok=True)
+        write_text(settings_file, json.dumps({"preparer": preparer, "settings": self.settings}, indent=2) + "\n")
+
+    def cache_path(self, kind: str, unit: str) -> Path:
+        return self.state / kind / f"{_safe(unit)}.json"
+
+    def load(self, kind: str, unit: str):
+        path = self.cache_path(kind, unit)
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def save(self, kind: str, unit: str, data) -> None:
+        write_text(self.cache_path(kind, unit), json.dumps(data) + "\n")
+
+    def done(self, unit: str) -> list[dict] | None:
+        data = self.load("done", unit)
+        if data is None:
+            return None
+        if not all((self.out / r["image"]).is_file() and (not r["mask"] or (self.out / r["mask"]).is_file())
+                   for r in data):
+            return None  # files removed since: redo the unit
+        return data
+
+    def mark_done(self, unit: str, records: list[dict]) -> None:
+        self.save("done", unit, records)
+
+    def finish(self, records: list[dict], summary: dict) -> Path:
+        order = {s: i for i, s in enumerate(SPLITS)}
+        records = sorted(records, key=lambda r: (order[r["split"]], -r["label"], natural_key(r["image"])))
+        samples = [Sample(self.out / r["image"], int(r["label"]), self.out / r["mask"] if r["mask"] else None, r["split"])
+                   for r in records]
+        manifest = write_manifest(samples, self.out / MANIFEST_NAME)
+        summary = {"preparer": self.preparer, "settings": self.settings, **summary,
+                   "counts": counts(records), "tumour_fraction_histogram": histogram(records)}
+        write_text(self.out / self.summary_name, json.dumps(summary, indent=2) + "\n")
+        return manifest
+
+
+def _diff(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return "; ".join(parts[:4]) or "unknown"
+
+
+def counts(records: list[dict]) -> dict:
+    out = {}
+    for split in SPLITS:
+        pos = sum(1 for r in records if r["split"] == split and r["label"] == 1)
+        neg = sum(1 for r in records if r["split"] == split and r["label"] == 0)
+        out[split] = {"pos": pos, "neg": neg, "total": pos + neg}
+    return out
+
+
+def histogram(records: list[dict], bins: int = HIST_BINS) -> dict:
+    """Per split: how many positives have a tumour fraction in (0,0.1], (0.1,0.2], ..., (0.9,1]."""
+    edges = [round(i / bins, 3) for i in range(bins + 1)]
+    out = {"bins": [f"{edges[i]:.1f}-{edges[i + 1]:.1f}" for i in range(bins)]}
+    for split in SPLITS:
+        h = [0] * bins
+        for r in records:
+            if r["split"] == split and r["label"] == 1:
+                f = float(r.get("tumour_fraction", 0.0))
+                h[min(bins - 1, max(0, int(f * bins - 1e-9)))] += 1
+        out[split] = h
+    return out
+
+
+def format_counts(records: list[dict]) -> str:
+    c = counts(records)
+    return ", ".join(f"{s} {c[s]['pos']} pos / {c[s]['neg']} neg" for s in SPLITS)

@@ -1,0 +1,427 @@
+"""Whole-slide images behind one small reader interface, resolution handling and pyramidal TIFF output.
+
+Readers
+- `OpenSlideSlide`: everything OpenSlide opens (SVS, NDPI, MRXS, SCN, Philips/Ventana/Hamamatsu
+  formats, generic tiled TIFF with a consecutive-IFD pyramid), via ``openslide-python`` +
+  ``openslide-bin`` (pip only, no system packages).
+- `ImageSlide`: plain PNG / JPEG / BMP / stripped TIFF images, decoded once into memory (a plain
+  image has no tiles, so it cannot be read piecewise; convert images larger than RAM to a tiled
+  pyramidal TIFF first, e.g. ``vips tiffsave in.png out.tif --tile --pyramid --compression deflate``).
+
+Both return uint8 RGB arrays; transparent pixels (outside the scanned area, beyond the image border)
+are composited onto white, which is what glass looks like.
+
+Resolution is always in µm per level-0 pixel (`mpp`). It comes from the slide's metadata
+(``openslide.mpp-x/y``, TIFF resolution tags in cm or inch, PNG/JPEG dpi) or from an explicit
+override; values coarser than `MAX_PLAUSIBLE_MPP` (screen dpi defaults such as 72 dpi = 353 µm/px)
+are treated as missing. `read_scaled` reads any level-0 box at any output size from the nearest
+*finer* pyramid level and downsamples it (area-aware), so patches come at the model's resolution
+whatever the scanner's magnification.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from ikdmil.data.io import _one_line, atomic_path, read_rgb
+from ikdmil.errors import IkdmilError
+
+Image.MAX_IMAGE_PIXELS = None
+
+#: suffixes taken from folders given as inputs (OpenSlide formats + plain images; DICOM series and other
+#: multi-file formats are given by their main file)
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff")
+PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+INPUT_SUFFIXES = tuple(dict.fromkeys(SLIDE_SUFFIXES + PLAIN_SUFFIXES))
+#: resolutions coarser than this (µm/px) in metadata are screen-dpi defaults, not scans
+MAX_PLAUSIBLE_MPP = 20.0
+MPP_HINT = "pass --mpp (µm per level-0 pixel, e.g. 0.25 for a 40x scan, 0.5 for 20x)"
+
+
+class Slide:
+    """A read-only multi-resolution RGB image; coordinates are level-0 pixels (x right, y down)."""
+
+    path: Path
+    kind: str  # "openslide:<vendor>" or "image"
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: tuple[float, float] | None  # (x, y) µm per level-0 pixel, None when unknown
+    mpp_source: str  # "metadata", "--mpp", or "missing"
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """uint8 (h, w, 3) RGB of `size` (w, h) level-`level` pixels whose top-left is `location` (level 0)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def require_mpp(self) -> tuple[float, float]:
+        if self.mpp is None:
+            raise IkdmilError(f"{self.path}: no resolution (µm/px) in the slide's metadata; {MPP_HINT}")
+        return self.mpp
+
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level that is still at least as fine as `downsample` (level 0 when none is)."""
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + 1e-6) and ds >= self.level_downsamples[best]:
+                best = i
+        return best
+
+
+def _composite_white(rgba: Image.Image) -> np.ndarray:
+    arr = np.asarray(rgba)
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        alpha = arr[..., 3:4].astype(np.uint16)
+        rgb = arr[..., :3].astype(np.uint16)
+        if (alpha == 255).all():
+            return np.ascontiguousarray(arr[..., :3])
+        # OpenSlide returns premultiplied-alpha-free RGBA with transparent = (0,0,0,0): put it on white
+        out = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
+        return out.astype(np.uint8)
+    return np.array(rgba.convert("RGB"))
+
+
+class OpenSlideSlide(Slide):
+    def __init__(self, path: Path, handle, mpp_override: float | None = None):
+        self.path = path
+        self._osr = handle
+        vendor = handle.properties.get("openslide.vendor", "unknown")
+        self.kind = f"openslide:{vendor}"
+        self.level_dimensions = tuple(tuple(int(v) for v in d) for d in handle.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in handle.level_downsamples)
+        self.properties = dict(handle.properties)
+        self.mpp, self.mpp_source = _resolve_mpp(_openslide_mpp(self.properties), mpp_override)
+
+    def read_region(self, location, level, size):
+        import openslide
+
+        try:
+            region = self._osr.read_region((int(location[0]), int(location[1])), int(level),
+                                           (int(size[0]), int(size[1])))
+        except openslide.OpenSlideError as exc:
+            raise IkdmilError(
+                f"{self.path}: cannot read the slide at level {level}, {location} ({_one_line(exc)}); the file is "
+                "corrupt or truncated: copy it again"
+            ) from None
+        return _composite_white(region)
+
+    def close(self) -> None:
+        try:
+            self._osr.close()
+        except Exception:  # noqa: BLE001 - closing a handle in an error state must not mask the real error
+            pass
+
+
+class ImageSlide(Slide):
+    """A plain image held in memory as one level (see the module docstring)."""
+
+    def __init__(self, path: Path, mpp_override: float | None = None, array: np.ndarray | None = None,
+                 mpp: tuple[float, float] | None = None):
+        self.path = path
+        self.kind = "image"
+        if array is None:
+            array = read_rgb(path)
+            mpp = _image_mpp(path)
+        self.array = array
+        h, w = array.shape[:2]
+        self.level_dimensions = ((w, h),)
+        self.level_downsamples = (1.0,)
+        self.mpp, self.mpp_source = _resolve_mpp(mpp, mpp_override)
+
+    def read_region(self, location, level, size):
+        if level != 0:
+            raise ValueError("ImageSlide has one level")
+        x, y = int(location[0]), int(location[1])
+        w, h = int(size[0]), int(size[1])
+        out = np.full((h, w, 3), 255, np.uint8)
+        H, W = self.array.shape[:2]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = self.array[y0:y1, x0:x1]
+        return out
+
+
+# ------------------------------------------------------------------------------------------ resolution
+
+
+def _plausible(mpp: float | None) -> float | None:
+    if mpp is None or not math.isfinite(mpp) or mpp <= 0 or mpp > MAX_PLAUSIBLE_MPP:
+        return None
+    return float(mpp)
+
+
+def _openslide_mpp(props: dict) -> tuple[float, float] | None:
+    def num(key):
+        try:
+            return float(props[key])
+        except (KeyError, ValueError):
+            return None
+
+    mx, my = _plausible(num("openslide.mpp-x")), _plausible(num("openslide.mpp-y"))
+    if mx is None or my is None:  # older OpenSlide: derive from the TIFF resolution tags ourselves
+        unit = props.get("tiff.ResolutionUnit", "").lower()
+        per = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
+        xr, yr = num("tiff.XResolution"), num("tiff.YResolution")
+        if per and xr and yr:
+            mx, my = _plausible(per / xr), _plausible(per / yr)
+    if mx is None or my is None:
+        return None
+    return mx, my
+
+
+def _image_mpp(path: Path) -> tuple[float, float] | None:
+    """µm/px of a plain image from its TIFF resolution tags or PNG/JPEG dpi (None when absent/implausible)."""
+    try:
+        with Image.open(path) as img:
+            info = dict(img.info)
+            tags = getattr(img, "tag_v2", None)
+            if tags is not None and 282 in tags and 283 in tags:
+                unit = int(tags.get(296, 2))
+                per = {2: 25400.0, 3: 1e4}.get(unit)
+                if per:
+                    mx, my = _plausible(per / float(tags[282])), _plausible(per / float(tags[283]))
+                    return (mx, my) if mx and my else None
+            dpi = info.get("dpi")
+            if dpi and len(dpi) == 2 and dpi[0] and dpi[1]:
+                mx, my = _plausible(25400.0 / float(dpi[0])), _plausible(25400.0 / float(dpi[1]))
+                return (mx, my) if mx and my else None
+    except (OSError, ValueError, ZeroDivisionError, TypeError):
+        return None
+    return None
+
+
+def _resolve_mpp(found: tuple[float, float] | None, override: float | None):
+    if override is not None:
+        return (float(override), float(override)), "--mpp"
+    if found is not None:
+        return found, "metadata"
+    return None, "missing"
+
+
+# ----------------------------------------------------------------------------------------------- opening
+
+
+def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
+    """Open a slide or a plain image; a one-line IkdmilError when it is missing, corrupt or unsupported."""
+    path = Path(path)
+    if not path.exists():
+        raise IkdmilError(f"{path}: file not found; check the path")
+    if path.is_dir():
+        raise IkdmilError(f"{path}: is a folder, not a slide; pass the slide file")
+    if mpp is not None and not (0 < float(mpp) <= 1000):
+        raise IkdmilError(f"--mpp {mpp}: must be a positive resolution in µm/px (e.g. 0.25 or 0.5)")
+    try:
+        import openslide
+    except (ImportError, OSError) as exc:  # pragma: no cover - a dependency (the library ships in openslide-bin)
+        raise IkdmilError(
+            f"OpenSlide is not available ({_one_line(exc)}); pip install openslide-python openslide-bin"
+        ) from None
+    suffix = path.suffix.lower()
+    error = None
+    try:
+        handle = openslide.OpenSlide(str(path))
+        return OpenSlideSlide(path, handle, mpp)
+    except openslide.OpenSlideUnsupportedFormatError as exc:
+        error = exc
+    except (openslide.OpenSlideError, OSError, ValueError) as exc:
+        raise IkdmilError(
+            f"{path}: cannot open the slide ({_one_line(exc)}); the file is corrupt or truncated: copy it again"
+        ) from None
+    if suffix in PLAIN_SUFFIXES:
+        return ImageSlide(path, mpp)  # PNG / JPEG / stripped TIFF; read_rgb names the file if it is broken
+    raise IkdmilError(
+        f"{path}: not a slide OpenSlide can read ({_one_line(error)}); the file is corrupt, truncated or in an "
+        "unsupported format: copy it again or convert it to a tiled pyramidal TIFF"
+    )
+
+
+def is_plain_image(path: Path) -> bool:
+    """True when OpenSlide does not recognise the file (a PNG/JPEG/stripped TIFF)."""
+    import openslide
+
+    try:
+        return openslide.OpenSlide.detect_format(str(path)) is None
+    except (openslide.OpenSlideError, OSError):
+        return True
+
+
+def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
+    """Files as given; folders replaced by their slide/image files (sorted, not recursive, no hidden files)."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir()
+                           if q.is_file() and not q.name.startswith(".") and q.suffix.lower() in INPUT_SUFFIXES)
+            if not found:
+                raise IkdmilError(
+                    f"{p}: folder holds no slides or images ({', '.join(INPUT_SUFFIXES)}); pass slide files"
+                )
+            files.extend(found)
+        else:
+            files.append(p)  # missing files are reported per input, the batch goes on
+    return files
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def read_scaled(slide: Slide, box: tuple[float, float, float, float], out_size: tuple[int, int]) -> np.ndarray:
+    """uint8 (out_h, out_w, 3): the level-0 box (x, y, w, h; floats allowed) resampled to `out_size` (w, h).
+
+    Reads the nearest finer pyramid level for the needed downsample and resizes (Pillow's area-aware
+    bilinear); when the box maps onto whole pixels of a level at scale 1 the pixels are copied exactly.
+    """
+    x, y, w, h = (float(v) for v in box)
+    ow, oh = int(out_size[0]), int(out_size[1])
+    ds = min(w / ow, h / oh)
+    level = slide.best_level(ds)
+    lds = slide.level_downsamples[level]
+    # the box in level coordinates
+    lx, ly, lw, lh = x / lds, y / lds, w / lds, h / lds
+    ix, iy = math.floor(lx), math.floor(ly)
+    iw = math.ceil(lx + lw) - ix
+    ih = math.ceil(ly + lh) - iy
+    exact = (abs(lx - ix) < 1e-6 and abs(ly - iy) < 1e-6 and abs(lw - ow) < 1e-6 and abs(lh - oh) < 1e-6)
+    if exact:
+        return slide.read_region((round(ix * lds), round(iy * lds)), level, (ow, oh))
+    region = slide.read_region((round(ix * lds), round(iy * lds)), level, (iw, ih))
+    img = Image.fromarray(region)
+    fbox = (lx - ix, ly - iy, lx - ix + lw, ly - iy + lh)
+    return np.array(img.resize((ow, oh), Image.Resampling.BILINEAR, box=fbox, reducing_gap=None))  # writable
+
+
+def read_overview(slide: Slide, downsample: float, chunk: int = 1024) -> np.ndarray:
+    """The whole slide at `downsample` (level-0 px per output px), read chunk by chunk (bounded memory)."""
+    W, H = slide.dimensions
+    ow, oh = max(1, math.ceil(W / downsample)), max(1, math.ceil(H / downsample))
+    out = np.empty((oh, ow, 3), np.uint8)
+    for y0 in range(0, oh, chunk):
+        for x0 in range(0, ow, chunk):
+            cw, ch = min(chunk, ow - x0), min(chunk, oh - y0)
+            out[y0:y0 + ch, x0:x0 + cw] = read_scaled(
+                slide, (x0 * downsample, y0 * downsample, cw * downsample, ch * downsample), (cw, ch))
+    return out
+
+
+# ------------------------------------------------------------------------------------ pyramidal TIFF
+
+
+def _pyramid_shapes(h: int, w: int, min_size: int) -> list[tuple[int, int]]:
+    shapes = [(h, w)]
+    while max(shapes[-1]) > min_size:
+        ph, pw = shapes[-1]
+        shapes.append(((ph + 1) // 2, (pw + 1) // 2))
+    return shapes
+
+
+def _downsample2(block: np.ndarray, reduce: str) -> np.ndarray:
+    """2x2 reduction of a uint8 (h, w) block; odd edges are replicated."""
+    h, w = block.shape
+    if h % 2 or w % 2:
+        block = np.pad(block, ((0, h % 2), (0, w % 2)), mode="edge")
+    b = block.reshape(block.shape[0] // 2, 2, block.shape[1] // 2, 2)
+    if reduce == "max":
+        return b.max(axis=(1, 3))
+    return ((b.astype(np.uint16).sum(axis=(1, 3)) + 2) // 4).astype(np.uint8)
+
+
+def write_pyramid_tiff(path: str | os.PathLike, level0: np.ndarray, mpp: tuple[float, float], tile: int = 256,
+                       reduce: str = "mean", min_size: int = 256, scratch: Path | None = None,
+                       band: int = 256) -> list[tuple[int, int]]:
+    """Write a single-channel uint8 array (may be a memmap) as a tiled, deflate-compressed pyramidal TIFF.
+
+    Levels are consecutive IFDs (level 0 full size, then subfiletype=1 reduced images halving each time,
+    down to `min_size` px), which is what OpenSlide and QuPath read as a pyramid. Every level carries its
+    resolution in px/cm, so OpenSlide reports ``openslide.mpp-x/y`` = `mpp` at level 0. Reduced levels
+    are computed band by band into memmaps under `scratch`, so memory stays O(band x width).
+    Returns the (height, width) of each level.
+    """
+    import tifffile
+
+    path = Path(path)
+    shapes = _pyramid_shapes(*level0.shape[:2], min_size)
+    scratch = Path(scratch or path.parent)
+    levels = [level0]
+    tmp_files = []
+    try:
+        for k in range(1, len(shapes)):
+            prev = levels[-1]
+            fn = scratch / f".{path.stem}.level{k}.u8"
+            tmp_files.append(fn)
+            arr = np.memmap(fn, np.uint8, "w+", shape=shapes[k])
+            for y in range(0, prev.shape[0], 2 * band):
+                arr[y // 2:(y + 2 * band + 1) // 2] = _downsample2(np.asarray(prev[y:y + 2 * band]), reduce)
+            arr.flush()
+            levels.append(arr)
+        with atomic_path(path) as tmp:
+            big = level0.size > 2**31
+            with tifffile.TiffWriter(tmp, bigtiff=big) as tw:
+                for k, arr in enumerate(levels):
+                    ds = 2**k
+                    tw.write(
+                        _tiles(arr, tile), shape=arr.shape, dtype=np.uint8, tile=(tile, tile),
+                        photometric="minisblack", compression="zlib", subfiletype=1 if k else 0,
+                        resolution=(1e4 / (mpp[0] * ds), 1e4 / (mpp[1] * ds)), resolutionunit="CENTIMETER",
+                        metadata=None, software="ikdmil",
+                    )
+    finally:
+        for arr in levels[1:]:
+            del arr
+        levels = None
+        for fn in tmp_files:
+            try:
+                fn.unlink()
+            except OSError:
+                pass
+    return shapes
+
+
+def _tiles(arr: np.ndarray, tile: int) -> Iterator[np.ndarray]:
+    h, w = arr.shape[:2]
+    for y in range(0, h, tile):
+        rows = np.asarray(arr[y:y + tile])
+        for x in range(0, w, tile):
+            t = rows[:, x:x + tile]
+            if t.shape != (tile, tile):
+                t = np.pad(t, ((0, tile - t.shape[0]), (0, tile - t.shape[1])))
+            yield np.ascontiguousarray(t)
+
+
+def write_rgb_tiff(path: str | os.PathLike, image: np.ndarray, mpp: tuple[float, float] | None, tile: int = 256,
+                   levels: int = 4, compression: str | None = "zlib") -> None:
+    """A small RGB tiled pyramidal TIFF (whole array in memory): for tests, benchmarks and conversions."""
+    import tifffile
+
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=image.nbytes > 2**31) as tw:
+        arr = image
+        for k in range(levels):
+            kw = {}
+            if mpp is not None:
+                kw = dict(resolution=(1e4 / (mpp[0] * 2**k), 1e4 / (mpp[1] * 2**k)), resolutionunit="CENTIMETER")
+            tw.write(arr, tile=(tile, tile), photometric="rgb", compression=compression,
+                     subfiletype=1 if k else 0, metadata=None, **kw)
+            if min(arr.shape[:2]) < 2 * tile:
+                break
+            arr = np.asarray(Image.fromarray(arr).reduce(2))
