@@ -210,3 +210,45 @@ def test_cached_targets_follow_the_image_augmentation():
     got = targets(BatchMeta(index, ops))
     assert torch.allclose(got, expected, atol=1e-3)
     assert not torch.allclose(got, plain[index], atol=1e-3)  # the ops really transformed the maps
+
+
+def test_fast_path_matches_the_plain_path():
+    """channels_last + cached teacher maps (fast) vs NCHW + live teacher (plain): same losses and
+    gradients in stage 1 and stage 2 on one fixed batch (CPU, fp32)."""
+    from ikdmil.engine.distill import TeacherTargets
+    from ikdmil.engine.loop import BatchMeta
+
+    cpu = torch.device("cpu")
+    images = _images(n=4)
+    y = torch.tensor([1, 0, 1, 0])
+    meta = BatchMeta(torch.arange(4), None)
+    results = {}
+    for path in ("plain", "fast"):
+        teacher, student = _models()
+        fmt = torch.channels_last if path == "fast" else torch.contiguous_format
+        teacher, student = teacher.to(memory_format=fmt), student.to(memory_format=fmt)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(memory_format=fmt)
+        t_opt = teacher_optimizer(teacher, 0.0, 0.0)  # lr 0: gradients only, weights unchanged
+        s1 = make_teacher_step(teacher, t_opt, cpu, amp=False)(x, y, meta)
+        g1 = {n: p.grad.clone() for n, p in teacher.named_parameters() if p.grad is not None}
+        freeze(teacher)
+        targets = None
+        if path == "fast":
+            targets = TeacherTargets(images, cpu, amp=False, batch_size=2)
+            targets.refresh(teacher)
+        s_opt = student_optimizer(student, 0.0, 0.0)
+        s2 = make_distill_step(student, teacher, s_opt, cpu, amp=False, wce_scale=0.25, targets=targets)(x, y, meta)
+        g2 = {n: p.grad.clone() for n, p in student.named_parameters()}
+        results[path] = (s1, g1, s2, g2)
+    (p1, pg1, p2, pg2), (f1, fg1, f2, fg2) = results["plain"], results["fast"]
+    assert f1["loss"] == pytest.approx(p1["loss"], rel=1e-5)
+    assert f2["loss"] == pytest.approx(p2["loss"], rel=1e-3)  # float16 cached teacher maps
+    def rel(fast, plain):
+        """Relative difference of all gradients as one vector (conv biases before BatchNorm have a
+        true gradient of zero, so a per-tensor ratio would compare rounding noise with noise)."""
+        a = torch.cat([fast[n].flatten() for n in plain])
+        b = torch.cat([plain[n].flatten() for n in plain])
+        return float((a - b).norm() / b.norm())
+
+    assert rel(fg1, pg1) < 1e-4
+    assert rel(fg2, pg2) < 1e-2  # targets stored as float16
