@@ -17,7 +17,6 @@ import argparse
 import json
 import platform
 import sys
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -25,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ikdmil.engine.loop import autocast, resolve_device
 from ikdmil.engine.teacher import make_teacher_step, teacher_optimizer
 from ikdmil.models import available_backbones, create_model
+from timing import timed  # benchmarks/timing.py
 
 
 def forward_gflops(model, size: int) -> float:
@@ -36,16 +36,7 @@ def forward_gflops(model, size: int) -> float:
 
 
 def images_per_second(run, batch: int, iters: int, warmup: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return batch * iters / (time.perf_counter() - t0)
+    return batch * iters / timed(run, iters, warmup, device)
 
 
 def bench(name: str, size: int, batch: int, iters: int, warmup: int, device: torch.device) -> dict:

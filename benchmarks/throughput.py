@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from ikdmil.engine.distill import TeacherTargets, freeze, make_distill_step, stu
 from ikdmil.engine.loop import Augmenter, BatchMeta, MemoryLoader, fits_on_device, make_loader, resolve_device
 from ikdmil.engine.teacher import make_teacher_step, teacher_optimizer
 from ikdmil.models import create_model
+from timing import timed  # benchmarks/timing.py
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense tensor-core peaks
 
@@ -45,19 +45,6 @@ def forward_flops(model, size: int, device) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     return float(counter.get_total_flops())
-
-
-def timed(fn, steps: int, warmup: int, device) -> float:
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def build(backbone: str, device, fast: bool, compile_: bool):
@@ -131,14 +118,13 @@ def main(argv=None) -> int:
 
             opt = teacher_optimizer(teacher, 5e-5, 5e-4)
             t_step = make_teacher_step(teacher, opt, device, amp)
-            freeze_after = teacher
             targets = None
             for stage in ("stage1", "stage2"):
                 if stage == "stage1":
                     step = t_step
                     flops_img = 3 * flops_fwd
                 else:
-                    freeze(freeze_after)
+                    freeze(teacher)
                     if fast:
                         targets = TeacherTargets(arrays.images, device, amp, batch)
                         targets.refresh(teacher)
