@@ -264,9 +264,13 @@ class Pipeline:
                 if cfg.teacher_cache:
                     targets = TeacherTargets(self.train_arrays.images, self.device, cfg.amp, cfg.batch_size * 2)
                     targets.refresh(teacher)
-                while epoch < cfg.distill_epochs:
-                    step = make_distill_step(self._train_view(student), teacher, opt, self.device, cfg.amp,
+
+                def cycle_step(opt):  # the student is wrapped (DDP / compile) once per cycle, not per epoch
+                    return make_distill_step(self._train_view(student), teacher, opt, self.device, cfg.amp,
                                              cfg.wce_scale, targets)
+
+                step = cycle_step(opt)
+                while epoch < cfg.distill_epochs:
                     t0 = time.perf_counter()
                     losses = run_epoch(step, epoch_loader(), self.device, self.augment,
                                        f"distill {epoch + 1}/{cfg.distill_epochs}", self.progress)
@@ -286,6 +290,7 @@ class Pipeline:
                             sel["swaps"] += 1
                             row["swapped"] = True
                             opt = student_optimizer(student, cfg.lr, cfg.weight_decay)
+                            step = cycle_step(opt)
                         _say(f"distill epoch {epoch}/{cfg.distill_epochs}  loss {losses['loss']:.4f}  "
                              f"val teacher {row['val_teacher']:.4f} student {s_score:.4f}"
                              f"{'  -> swap' if row['swapped'] else ''}", self.progress)
