@@ -43,11 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
-from ikdmil.data.io import atomic_path, write_png
-from ikdmil.data.prepare_common import ResumableOutput, format_counts, natural_key
+from ikdmil.data.io import write_png
+from ikdmil.data.prepare_common import ResumableOutput, format_counts, natural_key, save_patch_image
 from ikdmil.data.tissue import TissueParams, slide_tissue
 from ikdmil.data.wsi import open_slide, read_scaled
 from ikdmil.errors import IkdmilError
@@ -368,14 +367,6 @@ def _choose(slides: list[_Slide], scans: dict[str, dict], opts: Camelyon16Option
 # ------------------------------------------------------------------------------------------- extraction
 
 
-def _save_image(path: Path, rgb: np.ndarray, fmt: str) -> None:
-    if fmt == "png":
-        write_png(path, rgb)
-        return
-    with atomic_path(path) as tmp:
-        Image.fromarray(rgb).save(tmp, format="JPEG", quality=95)
-
-
 def _extract(s: _Slide, scan: dict, patches: list, opts: Camelyon16Options, out: Path, bar) -> list[dict]:
     from ikdmil.data.tissue import draw_polygons
 
@@ -392,7 +383,7 @@ def _extract(s: _Slide, scan: dict, patches: list, opts: Camelyon16Options, out:
         cls = "pos" if label else "neg"
         rgb = read_scaled(slide, (x, y, span, span), (P, P))
         image_rel = f"{s.split}/{cls}/{stem}.{ext}"
-        _save_image(out / image_rel, rgb, ext)
+        save_patch_image(out / image_rel, rgb, ext)
         mask_rel = ""
         if label:
             from shapely.geometry import box as sbox

@@ -32,9 +32,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ikdmil.data.camelyon16 import _save_image
 from ikdmil.data.io import _open, read_rgb, write_png
-from ikdmil.data.prepare_common import ResumableOutput, format_counts, natural_key
+from ikdmil.data.prepare_common import ResumableOutput, format_counts, natural_key, save_patch_image
 from ikdmil.data.tissue import TissueMap, TissueParams, detect_tissue, overview_downsample
 from ikdmil.errors import IkdmilError
 
@@ -177,7 +176,7 @@ def _process(name: str, image: Path, mask_path: Path | None, split: str, opts: D
             label = int(tf > opts.min_tumour_fraction)
             stem = f"{name}_x{x}_y{y}"
             image_rel = f"{split}/{'pos' if label else 'neg'}/{stem}.{opts.image_format}"
-            _save_image(out / image_rel, crop, opts.image_format)
+            save_patch_image(out / image_rel, crop, opts.image_format)
             mask_rel = ""
             if label:
                 mask_rel = f"{split}/masks/{stem}.png"

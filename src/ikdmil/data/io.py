@@ -127,16 +127,28 @@ def _to_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
     raise IkdmilError(f"{path}: unsupported pixel type {arr.dtype}; save it as an 8-bit RGB PNG")
 
 
+def composite_over_white(rgba: Image.Image) -> np.ndarray:
+    """uint8 HxWx3 RGB of an RGBA image laid on white (transparent = glass = background).
+
+    Shared by patch reading and slide reading (OpenSlide marks areas outside the scan as (0,0,0,0))."""
+    arr = np.asarray(rgba)
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        if (arr[..., 3] == 255).all():
+            return np.ascontiguousarray(arr[..., :3])
+        alpha = arr[..., 3:4].astype(np.uint16)
+        out = (arr[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255
+        return out.astype(np.uint8)
+    return np.array(rgba.convert("RGB"))
+
+
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """Read any common image as uint8 HxWx3 RGB (see the module docstring for conversions)."""
     path = Path(path)
     img = _open(path)
     try:
         if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(white, rgba).convert("RGB")
-        if img.mode.startswith("I") or img.mode == "F":  # I, I;16, I;16B, I;16L, ..., F
+            arr = composite_over_white(img.convert("RGBA"))
+        elif img.mode.startswith("I") or img.mode == "F":  # I, I;16, I;16B, I;16L, ..., F
             arr = _to_uint8(np.asarray(img), path)
         elif img.mode == "RGB":
             arr = np.asarray(img)

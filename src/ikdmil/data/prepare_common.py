@@ -14,7 +14,10 @@ import os
 import re
 from pathlib import Path
 
-from ikdmil.data.io import write_text
+import numpy as np
+from PIL import Image
+
+from ikdmil.data.io import atomic_path, write_png, write_text
 from ikdmil.data.manifest import MANIFEST_NAME, SPLITS, Sample, write_manifest
 from ikdmil.errors import IkdmilError
 
@@ -136,3 +139,12 @@ def histogram(records: list[dict], bins: int = HIST_BINS) -> dict:
 def format_counts(records: list[dict]) -> str:
     c = counts(records)
     return ", ".join(f"{s} {c[s]['pos']} pos / {c[s]['neg']} neg" for s in SPLITS)
+
+
+def save_patch_image(path: Path, rgb: np.ndarray, fmt: str) -> None:
+    """Write a prepared patch atomically as PNG (lossless) or JPEG (quality 95, much smaller)."""
+    if fmt == "png":
+        write_png(path, rgb)
+        return
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgb).save(tmp, format="JPEG", quality=95)

@@ -29,7 +29,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from ikdmil.data.io import _one_line, atomic_path, read_rgb
+from ikdmil.data.io import _one_line, atomic_path, composite_over_white, read_rgb
 from ikdmil.errors import IkdmilError
 
 Image.MAX_IMAGE_PIXELS = None
@@ -89,19 +89,6 @@ class Slide:
         return best
 
 
-def _composite_white(rgba: Image.Image) -> np.ndarray:
-    arr = np.asarray(rgba)
-    if arr.ndim == 3 and arr.shape[2] == 4:
-        alpha = arr[..., 3:4].astype(np.uint16)
-        rgb = arr[..., :3].astype(np.uint16)
-        if (alpha == 255).all():
-            return np.ascontiguousarray(arr[..., :3])
-        # OpenSlide returns premultiplied-alpha-free RGBA with transparent = (0,0,0,0): put it on white
-        out = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
-        return out.astype(np.uint8)
-    return np.array(rgba.convert("RGB"))
-
-
 class OpenSlideSlide(Slide):
     def __init__(self, path: Path, handle, mpp_override: float | None = None):
         self.path = path
@@ -124,7 +111,7 @@ class OpenSlideSlide(Slide):
                 f"{self.path}: cannot read the slide at level {level}, {location} ({_one_line(exc)}); the file is "
                 "corrupt or truncated: copy it again"
             ) from None
-        return _composite_white(region)
+        return composite_over_white(region)
 
     def close(self) -> None:
         try:
