@@ -21,7 +21,7 @@ import sys
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ikdmil.engine.loop import autocast, resolve_device
+from ikdmil.device import autocast, resolve_device
 from ikdmil.engine.teacher import make_teacher_step, teacher_optimizer
 from ikdmil.models import available_backbones, create_model
 from timing import timed  # benchmarks/timing.py

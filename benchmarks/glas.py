@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ikdmil.config import RunConfig
-from ikdmil.data.glas import prepare_glas
+from ikdmil.prepare.glas import prepare_glas
 from ikdmil.engine.pipeline import Pipeline
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,7 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ikdmil.data.dataset import CachedArrays, PatchDataset
 from ikdmil.engine.distill import TeacherTargets, freeze, make_distill_step, student_optimizer
-from ikdmil.engine.loop import Augmenter, BatchMeta, MemoryLoader, fits_on_device, make_loader, resolve_device
+from ikdmil.engine.loop import Augmenter, BatchMeta, MemoryLoader, make_loader
+from ikdmil.device import fits_on_device, resolve_device
 from ikdmil.engine.teacher import make_teacher_step, teacher_optimizer
 from ikdmil.models import create_model
 from timing import timed  # benchmarks/timing.py

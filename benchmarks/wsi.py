@@ -51,7 +51,7 @@ def generate_slide(path: Path, size: int, mpp: float, tissue: float, seed: int =
     import tifffile
     from PIL import Image
 
-    from ikdmil.data.synth import synth_image
+    from ikdmil.prepare.synth import synth_image
 
     n = math.ceil(size / CELL)
     cells = _tissue_cells(n, tissue, seed)

@@ -22,7 +22,7 @@ def glas_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_synth(tmp_path_factory) -> Path:
     """A 12-image synthetic dataset at 32 px in the folder layout (all splits, both classes)."""
-    from ikdmil.data.synth import make_synthetic_dataset
+    from ikdmil.prepare.synth import make_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synth") / "data"
     make_synthetic_dataset(out, n=12, seed=3, size=32, progress=False)

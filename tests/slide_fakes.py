@@ -3,7 +3,7 @@
 - `write_slide`: a tiled, deflate-compressed, pyramidal TIFF (consecutive IFDs, subfiletype=1) with
   resolution tags, which OpenSlide opens as a generic-tiff slide with levels and mpp;
 - `synth_slide` / `painted_slide`: level-0 images made of cells (synthetic H&E from
-  `ikdmil.data.synth`, or flat "tumour purple" / "tissue pink" paint) on white glass, with the exact
+  `ikdmil.prepare.synth`, or flat "tumour purple" / "tissue pink" paint) on white glass, with the exact
   tumour mask;
 - `write_asap_xml`: ASAP / Camelyon16 annotation XML (polygons in groups, e.g. "_0", "_1", "_2");
 - `make_fake_camelyon16`, `make_fake_digestpath`: whole source folders for the preparers;
@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ikdmil.data.synth import synth_image
-from ikdmil.data.wsi import write_rgb_tiff
+from ikdmil.prepare.synth import synth_image
+from ikdmil.slide.tiff import write_rgb_tiff
 
 WHITE = (242, 242, 240)
 PINK = (225, 160, 200)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from ikdmil.cli import main
 from ikdmil.data.dataset import CACHE_FILES, build_cache
-from ikdmil.data.io import read_mask, read_rgb
+from ikdmil.io import read_mask, read_rgb
 from ikdmil.data.manifest import Sample
 from ikdmil.errors import IkdmilError
 

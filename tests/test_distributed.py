@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from ikdmil.engine.loop import Distributed, make_loader
+from ikdmil.engine.loop import make_loader
+from ikdmil.device import Distributed
 
 
 def test_distributed_sampler_shards_the_data():

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from glas_fake import make_fake_glas_official, make_fake_glas_shared
-from ikdmil.data.glas import prepare_glas
+from ikdmil.prepare.glas import prepare_glas
 from ikdmil.data.manifest import load_samples
 from ikdmil.errors import IkdmilError
 

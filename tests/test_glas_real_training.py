@@ -3,7 +3,7 @@
 import json
 
 from conftest import tiny_config
-from ikdmil.data.glas import prepare_glas
+from ikdmil.prepare.glas import prepare_glas
 from ikdmil.engine.pipeline import Pipeline
 
 

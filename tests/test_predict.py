@@ -62,7 +62,7 @@ def test_probability_pyramid_opens_in_openslide_with_levels_and_mpp(predicted):
     assert s.level_dimensions[0] == (113, 88)
     assert float(s.properties["openslide.mpp-x"]) == pytest.approx(2.0)
     big = np.zeros((1200, 1100), np.uint8)  # a bigger map gets more levels, each with its mpp
-    from ikdmil.data.wsi import write_pyramid_tiff
+    from ikdmil.slide.tiff import write_pyramid_tiff
 
     write_pyramid_tiff(predicted.parent / "big.tif", big, (2.0, 2.0))
     s = openslide.OpenSlide(str(predicted.parent / "big.tif"))

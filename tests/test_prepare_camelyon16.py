@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from ikdmil.cli import main
-from ikdmil.data.camelyon16 import Camelyon16Options, _choose, _Slide
+from ikdmil.prepare.camelyon16 import Camelyon16Options, _choose, _Slide
 from ikdmil.data.manifest import load_samples
 from slide_fakes import make_fake_camelyon16
 

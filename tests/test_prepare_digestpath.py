@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from ikdmil.cli import main
-from ikdmil.data.digestpath import crop_positions
+from ikdmil.prepare.digestpath import crop_positions
 from ikdmil.data.manifest import load_samples
 from slide_fakes import make_fake_digestpath
 

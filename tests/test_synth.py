@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from skimage.color import rgb2hed
 
-from ikdmil.data.io import read_mask, read_rgb
+from ikdmil.io import read_mask, read_rgb
 from ikdmil.data.manifest import SPLITS, load_samples
-from ikdmil.data.synth import make_synthetic_dataset, synth_image
+from ikdmil.prepare.synth import make_synthetic_dataset, synth_image
 from ikdmil.errors import IkdmilError
 
 

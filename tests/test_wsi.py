@@ -9,10 +9,11 @@ import shapely
 from PIL import Image
 from shapely.geometry import box, shape
 
-from ikdmil.data.tissue import TissueParams, binary_close, detect_tissue, slide_tissue
-from ikdmil.data.wsi import ImageSlide, open_slide, read_overview, read_scaled, write_pyramid_tiff
+from ikdmil.slide.tissue import TissueParams, binary_close, detect_tissue, slide_tissue
+from ikdmil.slide.reader import ImageSlide, open_slide, read_overview, read_scaled
+from ikdmil.slide.tiff import write_pyramid_tiff
 from ikdmil.errors import IkdmilError
-from ikdmil.geojson import feature_collection, mask_polygons, read_polygons, to_level0
+from ikdmil.slide.geojson import feature_collection, mask_polygons, read_polygons, to_level0
 from ikdmil.inference import BandStitcher, blend_window, slide_geometry
 from slide_fakes import painted_slide, synth_slide, write_asap_xml, write_slide
 
@@ -196,7 +197,7 @@ def test_read_polygons_accepts_qupath_exports(tmp_path):
 
 
 def test_asap_xml_tumour_minus_exclusion(tmp_path):
-    from ikdmil.data.camelyon16 import read_asap_xml
+    from ikdmil.prepare.camelyon16 import read_asap_xml
 
     sq = lambda x, y, w: [(x, y), (x + w, y), (x + w, y + w), (x, y + w)]  # noqa: E731
     write_asap_xml(tmp_path / "a.xml", [sq(0, 0, 100), sq(200, 0, 50), sq(25, 25, 50)], ["_0", "_1", "_2"])

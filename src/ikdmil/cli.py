@@ -75,7 +75,7 @@ def _progress(args) -> bool:
 
 # ------------------------------------------------------------------ commands
 def cmd_synth(args) -> int:
-    from ikdmil.data.synth import make_synthetic_dataset
+    from ikdmil.prepare.synth import make_synthetic_dataset
 
     manifest = make_synthetic_dataset(args.out, n=args.n, seed=args.seed, size=args.size, progress=_progress(args))
     print(f"wrote {manifest}")
@@ -84,7 +84,7 @@ def cmd_synth(args) -> int:
 
 def cmd_prepare(args) -> int:
     if args.dataset == "glas":
-        from ikdmil.data.glas import prepare_glas
+        from ikdmil.prepare.glas import prepare_glas
 
         if args.extra is not None:
             raise IkdmilError(f"prepare glas takes two folders, SRC OUT; got a third one ({args.extra})")
@@ -98,7 +98,7 @@ def cmd_prepare(args) -> int:
             what = "ANNOTATIONS_DIR" if args.dataset == "camelyon16" else "MASKS_DIR"
             raise IkdmilError(f"prepare {args.dataset}: give SLIDES/IMAGES_DIR {what} OUT (three folders)")
         if args.dataset == "camelyon16":
-            from ikdmil.data.camelyon16 import Camelyon16Options, prepare_camelyon16
+            from ikdmil.prepare.camelyon16 import Camelyon16Options, prepare_camelyon16
 
             opts = Camelyon16Options(
                 patch_size=args.patch_size or 1280, level=args.level, mpp=args.mpp,
@@ -110,7 +110,7 @@ def cmd_prepare(args) -> int:
                 reference=args.reference, tissue=_tissue_params(args))
             manifest = prepare_camelyon16(args.src, args.out, args.extra, opts, progress=_progress(args))
         else:
-            from ikdmil.data.digestpath import DigestPathOptions, prepare_digestpath
+            from ikdmil.prepare.digestpath import DigestPathOptions, prepare_digestpath
 
             opts = DigestPathOptions(
                 crop_size=args.patch_size or 1536,
@@ -125,7 +125,7 @@ def cmd_prepare(args) -> int:
 
 
 def _tissue_params(args):
-    from ikdmil.data.tissue import TissueParams
+    from ikdmil.slide.tissue import TissueParams
 
     base = TissueParams()
     for name in ("mpp", "threshold", "close_um", "min_object_um2", "max_hole_um2"):
@@ -136,7 +136,7 @@ def _tissue_params(args):
 
 
 def _add_tissue_args(p: argparse.ArgumentParser) -> None:
-    from ikdmil.data.tissue import TissueParams
+    from ikdmil.slide.tissue import TissueParams
 
     d = TissueParams()
     g = p.add_argument_group("tissue detection (saturation threshold + morphology on an overview)")
@@ -171,7 +171,7 @@ def cmd_predict(args) -> int:
 def _predict_settings(args):
     import yaml
 
-    from ikdmil.data.tissue import TissueParams
+    from ikdmil.slide.tissue import TissueParams
     from ikdmil.inference import PredictSettings
 
     base = PredictSettings().to_dict()
@@ -250,10 +250,10 @@ def cmd_distill(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from ikdmil.data.dataset import build_cache
-    from ikdmil.data.io import write_text
+    from ikdmil.io import write_text
     from ikdmil.data.manifest import load_samples, select_split
     from ikdmil.engine.evaluate import evaluate_model, write_overlays
-    from ikdmil.engine.loop import resolve_device
+    from ikdmil.device import resolve_device
     from ikdmil.models.checkpoint import load_model
 
     device = resolve_device(args.device)
@@ -277,7 +277,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ikdmil.data.synth import make_synthetic_dataset
+    from ikdmil.prepare.synth import make_synthetic_dataset
     from ikdmil.engine.pipeline import Pipeline
     from ikdmil.engine.loop import Timer
 
@@ -308,7 +308,7 @@ def _demo_overlays(cfg: RunConfig, results: dict, folder: Path, limit: int) -> N
     from ikdmil.data.dataset import build_cache
     from ikdmil.data.manifest import load_samples
     from ikdmil.engine.evaluate import predict_fused, write_overlays
-    from ikdmil.engine.loop import resolve_device
+    from ikdmil.device import resolve_device
     from ikdmil.models.checkpoint import load_model
 
     device = resolve_device(cfg.device)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from ikdmil.data.io import write_text
+from ikdmil.io import write_text
 from ikdmil.errors import IkdmilError
 
 

@@ -3,7 +3,7 @@
 Slides (and plain images larger than `PredictSettings.patch_max`) are processed in model space, the
 slide resampled to the model's training resolution (`model_mpp`, µm/px):
 
-1. tissue is found on an overview (~8 µm/px; see `ikdmil.data.tissue`) or taken from a user mask;
+1. tissue is found on an overview (~8 µm/px; see `ikdmil.slide.tissue`) or taken from a user mask;
 2. tiles of `tile_size` model pixels on a grid with `overlap` are kept when they hold tissue, read in
    DataLoader worker processes from the nearest finer pyramid level and downsampled to the model
    resolution, and run through the model in batches (bf16 autocast on CUDA);
@@ -43,10 +43,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ikdmil import __version__
-from ikdmil.data.io import _one_line, chmod_default, read_rgb, write_png, write_text
-from ikdmil.data.tissue import TissueMap, TissueParams, slide_tissue
-from ikdmil.data.wsi import PLAIN_SUFFIXES, ImageSlide, Slide, expand_inputs, open_slide, read_scaled, \
-    write_pyramid_tiff
+from ikdmil.io import _one_line, chmod_default, read_rgb, write_png, write_text
+from ikdmil.slide.tissue import TissueMap, TissueParams, slide_tissue
+from ikdmil.slide.reader import PLAIN_SUFFIXES, ImageSlide, Slide, expand_inputs, open_slide, read_scaled
+from ikdmil.slide.tiff import write_pyramid_tiff
 from ikdmil.errors import IkdmilError
 
 DEFAULT_MODEL_MPP = 0.5  # 20x: the resolution models are assumed to be trained at unless they say otherwise
@@ -316,7 +316,7 @@ class LoadedModel:
     @torch.no_grad()
     def fused(self, x: torch.Tensor) -> torch.Tensor:
         """(B,H,W) float32 fused probability on the device for a uint8 (B,3,H,W) batch."""
-        from ikdmil.engine.loop import autocast
+        from ikdmil.device import autocast
 
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp):
@@ -325,7 +325,7 @@ class LoadedModel:
 
 
 def load_for_inference(path: str | os.PathLike, settings: PredictSettings) -> LoadedModel:
-    from ikdmil.engine.loop import resolve_device
+    from ikdmil.device import resolve_device
     from ikdmil.models.checkpoint import load_model
 
     device = resolve_device(settings.device)
@@ -546,7 +546,7 @@ def _run_slide(lm: LoadedModel, slide: Slide, slide_path: Path, tmp: Path, setti
     write_pyramid_tiff(tmp / "probability.tif", prob, out_mpp, reduce="mean", scratch=tmp)
     write_pyramid_tiff(tmp / "mask.tif", mask, out_mpp, reduce="max", scratch=tmp)
 
-    from ikdmil.geojson import feature_collection, mask_polygons, to_level0, write_geojson
+    from ikdmil.slide.geojson import feature_collection, mask_polygons, to_level0, write_geojson
 
     min_area_px = settings.min_area_um2 / (out_mpp[0] * out_mpp[1])
     polys = mask_polygons(mask, min_area=min_area_px, simplify=0.5)
@@ -672,7 +672,7 @@ def _classify(path: Path, settings: PredictSettings) -> str:
         if settings.mode == "patch" and path.suffix.lower() not in PLAIN_SUFFIXES:
             return "slide"
         return settings.mode
-    from ikdmil.data.wsi import is_plain_image
+    from ikdmil.slide.reader import is_plain_image
 
     if not path.is_file() or path.suffix.lower() not in PLAIN_SUFFIXES or not is_plain_image(path):
         return "slide"

@@ -1,1 +1,1 @@
-"""Sample records, manifests, image I/O, the Dataset, the preprocessing cache and the preparers."""
+"""Training records: sample manifests, the Dataset and its preprocessing cache."""

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ikdmil.data.io import read_mask, read_rgb
+from ikdmil.io import read_mask, read_rgb
 from ikdmil.data.manifest import Sample, samples_digest
 from ikdmil.errors import IkdmilError
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ikdmil.data.io import write_text
+from ikdmil.io import write_text
 from ikdmil.errors import IkdmilError
 
 SPLITS = ("train", "val", "test")

@@ -7,7 +7,8 @@ import copy
 import torch
 
 from ikdmil.engine.evaluate import iter_fused
-from ikdmil.engine.loop import BatchMeta, autocast, dihedral
+from ikdmil.engine.loop import BatchMeta, dihedral
+from ikdmil.device import autocast
 from ikdmil.losses import student_loss
 
 

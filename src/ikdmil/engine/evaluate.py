@@ -9,8 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ikdmil.data.dataset import CachedArrays
-from ikdmil.data.io import write_png
-from ikdmil.engine.loop import autocast
+from ikdmil.io import write_png
+from ikdmil.device import autocast
 from ikdmil.metrics import patch_scores, smooth_probability, summarize
 from ikdmil.visualize import overlay, side_by_side
 

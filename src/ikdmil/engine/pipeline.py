@@ -20,24 +20,12 @@ import torch
 from ikdmil import __version__
 from ikdmil.config import RunConfig
 from ikdmil.data.dataset import PatchDataset, build_cache
-from ikdmil.data.io import write_text
+from ikdmil.io import write_text
 from ikdmil.data.manifest import load_samples, select_split
 from ikdmil.engine.distill import TeacherTargets, freeze, make_distill_step, student_optimizer, swap_roles
 from ikdmil.engine.evaluate import evaluate_model, predict_fused
-from ikdmil.engine.loop import (
-    Augmenter,
-    MetricsLog,
-    Timer,
-    load_checkpoint,
-    MemoryLoader,
-    all_reduce_mean,
-    fits_on_device,
-    make_loader,
-    run_epoch,
-    save_checkpoint,
-    set_loader_epoch,
-    setup_distributed,
-)
+from ikdmil.engine.loop import Augmenter, MetricsLog, Timer, load_checkpoint, MemoryLoader, make_loader, run_epoch, save_checkpoint, set_loader_epoch
+from ikdmil.device import all_reduce_mean, fits_on_device, setup_distributed
 from ikdmil.engine.teacher import fusion_optimizer, make_fusion_step, make_teacher_step, teacher_optimizer
 from ikdmil.errors import IkdmilError
 from ikdmil.losses import mil_loss

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ikdmil.engine.loop import autocast
+from ikdmil.device import autocast
 from ikdmil.losses import teacher_loss
 from ikdmil.models.heads import MILOutput
 

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from ikdmil.data.io import atomic_path
+from ikdmil.io import atomic_path
 from ikdmil.errors import IkdmilError
 
 FORMAT = "ikdmil-model-1"

@@ -176,7 +176,7 @@ def fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
 def slide_tissue(slide, params: TissueParams | None = None, user_mask: str | os.PathLike | None = None,
                  everything: bool = False) -> tuple[TissueMap, np.ndarray]:
     """(TissueMap, overview RGB) for a slide: detected, from a user mask, or everything."""
-    from ikdmil.data.wsi import read_overview
+    from ikdmil.slide.reader import read_overview
 
     params = params or TissueParams()
     mpp = slide.mpp or (1.0, 1.0)
@@ -204,7 +204,7 @@ def load_user_mask(path: str | os.PathLike, dimensions: tuple[int, int], shape: 
     if not path.is_file():
         raise IkdmilError(f"{path}: tissue mask not found; pass an image (non-zero = tissue) or a GeoJSON file")
     if _is_geojson(path):
-        from ikdmil.geojson import read_polygons
+        from ikdmil.slide.geojson import read_polygons
 
         polys = read_polygons(path)
         return draw_polygons(np.zeros(shape, bool), polys, 1.0 / downsample, fill=True)

@@ -11,7 +11,7 @@ Protocol (the IKD-MIL paper's, every number an option):
 - patches of `patch_size` (1280) px at pyramid `level` 1 (20x; or at `mpp` µm/px, read from the
   nearest finer level and downsampled), on a non-overlapping grid from the slide origin;
 - background = 1 - tissue fraction of the patch (tissue: saturation/Otsu on an overview, see
-  `ikdmil.data.tissue`); patches with more than `max_background` (0.8) background are dropped, except
+  `ikdmil.slide.tissue`); patches with more than `max_background` (0.8) background are dropped, except
   that test-split positives use `test_max_background` (0.9, the paper's test rule);
 - positives: patches of tumour slides whose tumour fraction (annotation area inside the patch) is above
   `min_tumour_fraction` (0 = any tumour); their masks are saved for evaluation. Patches of tumour
@@ -26,7 +26,7 @@ Protocol (the IKD-MIL paper's, every number an option):
 
 Output: ``OUT/{train,val,test}/{pos,neg}/SLIDE_xX_yY.png`` (X, Y: level-0 pixel of the patch's
 top-left corner), ``OUT/{split}/masks/...png`` for positives, ``OUT/manifest.csv`` and
-``OUT/camelyon16_summary.json``. Resumable (see `ikdmil.data.prepare_common`).
+``OUT/camelyon16_summary.json``. Resumable (see `ikdmil.prepare.common`).
 """
 
 from __future__ import annotations
@@ -45,13 +45,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ikdmil.data.io import write_png
-from ikdmil.data.prepare_common import ResumableOutput, format_counts, natural_key, save_patch_image
-from ikdmil.data.tissue import TissueParams, slide_tissue
-from ikdmil.data.wsi import open_slide, read_scaled
+from ikdmil.io import write_png
+from ikdmil.prepare.common import ResumableOutput, format_counts, natural_key, save_patch_image
+from ikdmil.slide.tissue import TissueParams, slide_tissue
+from ikdmil.slide.reader import open_slide, read_scaled
 from ikdmil.errors import IkdmilError
 
-PREPARER_ID = "ikdmil.data.camelyon16"
+PREPARER_ID = "ikdmil.prepare.camelyon16"
 SUMMARY_NAME = "camelyon16_summary.json"
 _NAME = re.compile(r"^(tumor|normal|test)_(\d+)$", re.IGNORECASE)
 _SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs")
@@ -368,7 +368,7 @@ def _choose(slides: list[_Slide], scans: dict[str, dict], opts: Camelyon16Option
 
 
 def _extract(s: _Slide, scan: dict, patches: list, opts: Camelyon16Options, out: Path, bar) -> list[dict]:
-    from ikdmil.data.tissue import draw_polygons
+    from ikdmil.slide.tissue import draw_polygons
 
     geom = None
     if s.annotation is not None and any(p[2] == 1 for p in patches):

@@ -34,12 +34,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from ikdmil.data.io import read_rgb, write_png, write_text
+from ikdmil.io import read_rgb, write_png, write_text
 from ikdmil.data.manifest import MANIFEST_NAME, Sample, write_manifest
 from ikdmil.errors import IkdmilError
 
 SUMMARY_NAME = "glas_summary.json"
-PREPARER_ID = "ikdmil.data.glas"
+PREPARER_ID = "ikdmil.prepare.glas"
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 _COPY_SUFFIXES = (".jpg", ".jpeg", ".png")  # stored byte for byte; anything else becomes PNG
 _OFFICIAL_STEM = re.compile(r"^(train|testa|testb)_\d+$", re.IGNORECASE)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ikdmil.data.io import write_text
+from ikdmil.io import write_text
 from ikdmil.errors import IkdmilError
 
 DEFAULT_CLASS = "Tumor"  # QuPath's built-in tumour class name

@@ -34,7 +34,7 @@ from scipy import ndimage
 from scipy.special import ndtri
 from tqdm import tqdm
 
-from ikdmil.data.io import atomic_path, write_png, write_text
+from ikdmil.io import atomic_path, write_png, write_text
 from ikdmil.data.manifest import MANIFEST_NAME, SPLITS, Sample, write_manifest
 from ikdmil.errors import IkdmilError
 
@@ -608,7 +608,7 @@ def make_synthetic_dataset(
     plan = _split_plan(n, val_fraction, test_fraction, pos_fraction)
     out = Path(out)
     params = {
-        "generator": "ikdmil.data.synth",
+        "generator": "ikdmil.prepare.synth",
         "version": GENERATOR_VERSION,
         "seed": seed,
         "n": n,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ikdmil.data.io import atomic_path, write_png, write_text
+from ikdmil.io import atomic_path, write_png, write_text
 from ikdmil.data.manifest import MANIFEST_NAME, SPLITS, Sample, write_manifest
 from ikdmil.errors import IkdmilError
 

@@ -16,7 +16,7 @@ image (all crops of an image in one split), `val_fraction` / `test_fraction` of 
 tumour and of those without, deterministically from `seed`.
 
 Output: ``OUT/{split}/{pos,neg}/NAME_xX_yY.png``, ``OUT/{split}/masks/...png``, ``OUT/manifest.csv``
-and ``OUT/digestpath_summary.json``. Resumable (see `ikdmil.data.prepare_common`).
+and ``OUT/digestpath_summary.json``. Resumable (see `ikdmil.prepare.common`).
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ikdmil.data.io import _open, read_rgb, write_png
-from ikdmil.data.prepare_common import ResumableOutput, format_counts, natural_key, save_patch_image
-from ikdmil.data.tissue import TissueMap, TissueParams, detect_tissue, overview_downsample
+from ikdmil.io import _open, read_rgb, write_png
+from ikdmil.prepare.common import ResumableOutput, format_counts, natural_key, save_patch_image
+from ikdmil.slide.tissue import TissueMap, TissueParams, detect_tissue, overview_downsample
 from ikdmil.errors import IkdmilError
 
-PREPARER_ID = "ikdmil.data.digestpath"
+PREPARER_ID = "ikdmil.prepare.digestpath"
 SUMMARY_NAME = "digestpath_summary.json"
 _SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 

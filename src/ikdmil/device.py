@@ -1,0 +1,76 @@
+"""Where code runs: torchrun process groups, device choice, autocast and device memory checks.
+
+Shared by training and inference, so neither borrows it from the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ikdmil.errors import IkdmilError
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
+    """Join the process group torchrun set up (NCCL on GPUs, gloo on CPU) and pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed(), resolve_device(device_name)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank), device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise IkdmilError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA; plain fp32 on CPU (bf16 on a laptop CPU is slower, not faster)."""
+    if device.type == "cuda" and amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def fits_on_device(nbytes: int, device: torch.device, share: float = 0.4) -> bool:
+    """Whether `nbytes` fit in `share` of the GPU's free memory (False on CPU)."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes < share * free
+
+
+def all_reduce_mean(grad: torch.Tensor) -> torch.Tensor:
+    """Gradient hook: the mean of this tensor over all ranks."""
+    grad = grad.clone()
+    torch.distributed.all_reduce(grad)
+    return grad / torch.distributed.get_world_size()
