@@ -29,7 +29,7 @@ def tiny_synth(tmp_path_factory) -> Path:
     return out
 
 
-def tiny_config(data: Path, out: Path, **overrides):
+def _tiny_config(data: Path, out: Path, **overrides):
     """A RunConfig small enough for a test: 32 px, random init, two tiny epochs per phase."""
     from ikdmil.config import RunConfig
 
@@ -38,3 +38,9 @@ def tiny_config(data: Path, out: Path, **overrides):
                 eval_sigma=0.0, cache_dir=str(out.parent / "cache"))
     base.update(overrides)
     return RunConfig(**base)
+
+
+@pytest.fixture
+def tiny_config():
+    """A factory `tiny_config(data, out, **overrides)` for RunConfigs small enough for a test."""
+    return _tiny_config

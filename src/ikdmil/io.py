@@ -18,6 +18,7 @@ Every problem is an `IkdmilError` whose one-line message names the file and says
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import zlib
 from contextlib import contextmanager
@@ -73,12 +74,34 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """An exception's text on one line (library messages sometimes span several)."""
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _open(path: Path) -> Image.Image:
+def replace_folder(tmp: Path, out: Path, hidden: bool = False) -> None:
+    """Rename the finished folder `tmp` to `out`; an existing `out` is moved aside first and deleted only
+    after the rename succeeded (restored if it failed), so a crash never leaves neither."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+        os.rename(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f"{'.' if hidden else ''}{out.name}.old-", dir=out.parent))
+    old.rmdir()
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open and fully decode an image, or raise a one-line error naming the file."""
     if not path.exists():
         raise IkdmilError(f"{path}: file not found; check the path in the manifest or folder")
     if path.is_dir():
@@ -87,10 +110,10 @@ def _open(path: Path) -> Image.Image:
         img = Image.open(path)
         img.load()  # forces a full decode, so truncated files fail here and not mid-epoch
     except PermissionError as exc:
-        raise IkdmilError(f"{path}: cannot open ({_one_line(exc)}); make the file readable") from None
+        raise IkdmilError(f"{path}: cannot open ({one_line(exc)}); make the file readable") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:
         raise IkdmilError(
-            f"{path}: cannot read image ({_one_line(exc)}); the file is truncated or not an image: "
+            f"{path}: cannot read image ({one_line(exc)}); the file is truncated or not an image: "
             "re-export it or remove it from the dataset"
         ) from None
     return img
@@ -144,7 +167,7 @@ def composite_over_white(rgba: Image.Image) -> np.ndarray:
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """Read any common image as uint8 HxWx3 RGB (see the module docstring for conversions)."""
     path = Path(path)
-    img = _open(path)
+    img = open_image(path)
     try:
         if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
             arr = composite_over_white(img.convert("RGBA"))
@@ -156,7 +179,7 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
             arr = np.asarray(img.convert("RGB"))
     except (OSError, ValueError) as exc:  # a mode Pillow cannot convert
         raise IkdmilError(
-            f"{path}: cannot convert {img.mode} image to RGB ({_one_line(exc)}); save it as an 8-bit RGB PNG"
+            f"{path}: cannot convert {img.mode} image to RGB ({one_line(exc)}); save it as an 8-bit RGB PNG"
         ) from None
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
@@ -174,7 +197,7 @@ def read_mask(path: str | os.PathLike, expect_shape: tuple[int, int] | None = No
     because a mismatch usually means the wrong mask was paired with the image.
     """
     path = Path(path)
-    img = _open(path)
+    img = open_image(path)
     arr = np.asarray(img)
     if arr.ndim == 3:
         if arr.shape[2] in (2, 4):  # LA / RGBA: ignore the alpha channel

@@ -32,7 +32,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("IKDMIL_CACHE", Path.home() / ".cache" / "ikdmil"))
 
 
-def _resize_rgb(img: np.ndarray, size: int) -> np.ndarray:
+def resize_rgb(img: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of a uint8 RGB image to size x size (the model's input)."""
     if img.shape[:2] == (size, size):
         return img
     return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None))
@@ -57,7 +58,7 @@ def load_sample(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray, bool
         has_mask = sample.label == 0  # a negative's truth is empty by definition
     if sample.label == 0:
         mask = np.zeros_like(mask)
-    return _resize_rgb(img, size), _resize_mask(mask, size), has_mask
+    return resize_rgb(img, size), _resize_mask(mask, size), has_mask
 
 
 @dataclass

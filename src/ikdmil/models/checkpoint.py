@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from ikdmil.io import atomic_path
+from ikdmil.io import atomic_path, one_line
 from ikdmil.errors import IkdmilError
 
 FORMAT = "ikdmil-model-1"
@@ -28,10 +28,6 @@ def save_model(model, path: str | Path, **meta) -> Path:
     return path
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def read_model_meta(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -41,7 +37,7 @@ def read_model_meta(path: str | Path) -> dict:
             raw = (fh.metadata() or {}).get("ikdmil")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise IkdmilError(
-            f"{path}: not a safetensors model file ({_one_line(exc)}); pass a model.safetensors written by "
+            f"{path}: not a safetensors model file ({one_line(exc)}); pass a model.safetensors written by "
             "ikdmil train/run"
         ) from None
     if not raw:
@@ -86,7 +82,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", expect_back
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise IkdmilError(
-            f"{path}: cannot read the weights ({_one_line(exc)}); the file is damaged: copy it again or retrain"
+            f"{path}: cannot read the weights ({one_line(exc)}); the file is damaged: copy it again or retrain"
         ) from None
     load_state_checked(model, state, path)
     return model.to(device), meta

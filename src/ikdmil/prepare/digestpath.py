@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ikdmil.io import _open, read_rgb, write_png
+from ikdmil.io import open_image, read_rgb, write_png
 from ikdmil.prepare.common import ResumableOutput, format_counts, natural_key, save_patch_image
 from ikdmil.slide.tissue import TissueMap, TissueParams, detect_tissue, overview_downsample
 from ikdmil.errors import IkdmilError
@@ -109,7 +109,7 @@ def _pair(images_dir: Path, masks_dir: Path) -> list[tuple[str, Path, Path | Non
 
 
 def read_tumour_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    img = _open(path)
+    img = open_image(path)
     arr = np.asarray(img.convert("L"))
     if arr.shape != shape:
         raise IkdmilError(f"{path}: mask is {arr.shape[1]}x{arr.shape[0]} px but its image is {shape[1]}x{shape[0]} px; "
@@ -145,7 +145,7 @@ def _split_images(items: list[tuple[str, bool]], val: float, test: float, seed: 
 def _has_tumour(mask_path: Path | None) -> bool:
     if mask_path is None:
         return False
-    img = _open(mask_path)
+    img = open_image(mask_path)
     return bool((np.asarray(img.convert("L")) >= 128).any())
 
 

@@ -34,9 +34,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from ikdmil.io import read_rgb, write_png, write_text
+from ikdmil.io import read_rgb, replace_folder, write_png, write_text
 from ikdmil.data.manifest import MANIFEST_NAME, Sample, write_manifest
 from ikdmil.errors import IkdmilError
+from ikdmil.prepare.common import natural_key
 
 SUMMARY_NAME = "glas_summary.json"
 PREPARER_ID = "ikdmil.prepare.glas"
@@ -60,10 +61,6 @@ class _Record:
     @property
     def split(self) -> str:
         return "train" if self.source_split == "train" else "test"
-
-
-def _natural_key(text: str) -> list:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
 
 
 def _norm_header(text: str) -> str:
@@ -308,7 +305,7 @@ def _choose_val_patients(records: list[_Record], val_fraction: float, seed: int,
     counts: dict[str, list[int]] = {}
     for r in records:
         counts.setdefault(r.patient, [0, 0])[r.label] += 1
-    patients = sorted(counts, key=_natural_key)
+    patients = sorted(counts, key=natural_key)
     n_total = len(records)
     n_pos_total = sum(c[1] for c in counts.values())
     n_neg_total = n_total - n_pos_total
@@ -383,26 +380,6 @@ def _check_out(out: Path, src: Path) -> None:
         )
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Rename the finished tmp folder to out, replacing an empty folder or a previous preparation."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not any(out.iterdir()):
-        out.rmdir()
-        os.rename(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
-    old.rmdir()
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_sample(record: _Record, split: str, root: Path) -> Sample:
     cls = "pos" if record.label == 1 else "neg"
     suffix = record.image.suffix.lower()
@@ -447,7 +424,7 @@ def prepare_glas(
 
     layout, records = _read_source(src_path)
     _check_out(out_path.resolve(), src_path.resolve())
-    records.sort(key=lambda r: (r.split, _natural_key(r.name)))
+    records.sort(key=lambda r: (r.split, natural_key(r.name)))
     train = [r for r in records if r.split == "train"]
     if not train:
         raise IkdmilError(f"{src_path}: no train images; GlaS needs train_N images to train on")
@@ -466,7 +443,7 @@ def prepare_glas(
             samples.append(_write_sample(record, split, tmp))
             patients[split].add(record.patient)
         order = {"train": 0, "val": 1, "test": 2}
-        samples.sort(key=lambda s: (order[s.split], _natural_key(s.image.stem)))
+        samples.sort(key=lambda s: (order[s.split], natural_key(s.image.stem)))
         write_manifest(samples, tmp / MANIFEST_NAME)
 
         counts = {
@@ -485,18 +462,18 @@ def prepare_glas(
             "val_fraction": float(val_fraction),
             "seed": int(seed),
             "counts": counts,
-            "patients": {split: sorted(p, key=_natural_key) for split, p in patients.items()},
+            "patients": {split: sorted(p, key=natural_key) for split, p in patients.items()},
             "n_patients": {split: len(p) for split, p in patients.items()},
             # GlaS's test set shares patients with its train set by design; this lists them openly.
             "test_patients_also_in_train_or_val": sorted(
-                patients["test"] & (patients["train"] | patients["val"]), key=_natural_key
+                patients["test"] & (patients["train"] | patients["val"]), key=natural_key
             ),
             "protocol": "malignant -> pos with gland mask; benign -> neg with empty mask; "
             "test = testA + testB; val taken from train by patient",
         }
         write_text(tmp / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
         _check_out(out_path.resolve(), src_path.resolve())  # the folder may have changed meanwhile
-        _install(tmp, out_path)
+        replace_folder(tmp, out_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ikdmil.io import _one_line, composite_over_white, read_rgb
+from ikdmil.io import one_line, composite_over_white, read_rgb
 from ikdmil.errors import IkdmilError
 
 Image.MAX_IMAGE_PIXELS = None
@@ -109,7 +109,7 @@ class OpenSlideSlide(Slide):
                                            (int(size[0]), int(size[1])))
         except openslide.OpenSlideError as exc:
             raise IkdmilError(
-                f"{self.path}: cannot read the slide at level {level}, {location} ({_one_line(exc)}); the file is "
+                f"{self.path}: cannot read the slide at level {level}, {location} ({one_line(exc)}); the file is "
                 "corrupt or truncated: copy it again"
             ) from None
         return composite_over_white(region)
@@ -223,7 +223,7 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
         import openslide
     except (ImportError, OSError) as exc:  # pragma: no cover - a dependency (the library ships in openslide-bin)
         raise IkdmilError(
-            f"OpenSlide is not available ({_one_line(exc)}); pip install openslide-python openslide-bin"
+            f"OpenSlide is not available ({one_line(exc)}); pip install openslide-python openslide-bin"
         ) from None
     suffix = path.suffix.lower()
     error = None
@@ -234,12 +234,12 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
         error = exc
     except (openslide.OpenSlideError, OSError, ValueError) as exc:
         raise IkdmilError(
-            f"{path}: cannot open the slide ({_one_line(exc)}); the file is corrupt or truncated: copy it again"
+            f"{path}: cannot open the slide ({one_line(exc)}); the file is corrupt or truncated: copy it again"
         ) from None
     if suffix in PLAIN_SUFFIXES:
         return ImageSlide(path, mpp)  # PNG / JPEG / stripped TIFF; read_rgb names the file if it is broken
     raise IkdmilError(
-        f"{path}: not a slide OpenSlide can read ({_one_line(error)}); the file is corrupt, truncated or in an "
+        f"{path}: not a slide OpenSlide can read ({one_line(error)}); the file is corrupt, truncated or in an "
         "unsupported format: copy it again or convert it to a tiled pyramidal TIFF"
     )
 

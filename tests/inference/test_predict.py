@@ -14,7 +14,7 @@ from shapely.geometry import box, shape
 from ikdmil.cli import main
 from ikdmil.inference import PredictSettings, predict
 from ikdmil.models.checkpoint import load_model
-from slide_fakes import dark_backbone, dark_detector_model, painted_slide, synth_slide, vgg_model, write_slide
+from fakes.slides import dark_backbone, dark_detector_model, painted_slide, synth_slide, vgg_model, write_slide
 
 TUMOUR = [(200, 150, 300, 200), (560, 420, 240, 160)]  # level-0 (x, y, w, h) rectangles
 

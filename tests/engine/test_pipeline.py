@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_config
 from ikdmil.engine.distill import freeze, make_distill_step, student_optimizer, swap_roles
 from ikdmil.engine.pipeline import Pipeline
 from ikdmil.engine.teacher import fusion_optimizer, make_fusion_step, make_teacher_step, teacher_optimizer
@@ -86,7 +85,7 @@ def test_distill_step_leaves_the_teacher_untouched():
         assert torch.equal(v, t_before[k]), k  # BN running stats too: the teacher runs in eval mode
 
 
-def test_full_run_writes_outputs_and_selects_on_validation(tiny_synth, tmp_path):
+def test_full_run_writes_outputs_and_selects_on_validation(tiny_synth, tmp_path, tiny_config):
     cfg = tiny_config(tiny_synth, tmp_path / "run")
     results = Pipeline(cfg, progress=False).run()
     run = tmp_path / "run"
@@ -104,7 +103,7 @@ def test_full_run_writes_outputs_and_selects_on_validation(tiny_synth, tmp_path)
     assert results["models"].keys() == saved["models"].keys()
 
 
-def test_existing_run_needs_resume(tiny_synth, tmp_path):
+def test_existing_run_needs_resume(tiny_synth, tmp_path, tiny_config):
     cfg = tiny_config(tiny_synth, tmp_path / "run", teacher_epochs=1, fusion_epochs=0, distill_epochs=0)
     Pipeline(cfg, progress=False, last_phase="fusion").run()
     with pytest.raises(IkdmilError, match="--resume"):
@@ -116,7 +115,7 @@ class Crash(Exception):
 
 
 @pytest.mark.parametrize("crash_at", [("teacher", 1), ("distill", 1)])
-def test_resume_continues_exactly_where_it_stopped(tiny_synth, tmp_path, crash_at):
+def test_resume_continues_exactly_where_it_stopped(tiny_synth, tmp_path, crash_at, tiny_config):
     straight = Pipeline(tiny_config(tiny_synth, tmp_path / "a"), progress=False)
     straight.run()
 
@@ -143,7 +142,7 @@ def test_resume_continues_exactly_where_it_stopped(tiny_synth, tmp_path, crash_a
     assert ra["models"]["student"]["val_score"] == pytest.approx(rb["models"]["student"]["val_score"], abs=1e-6)
 
 
-def test_validation_without_masks_falls_back_to_mil_loss(tiny_synth, tmp_path):
+def test_validation_without_masks_falls_back_to_mil_loss(tiny_synth, tmp_path, tiny_config):
     from ikdmil.data.manifest import Sample, load_samples, write_manifest
 
     samples = load_samples(tiny_synth)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from glas_fake import make_fake_glas_official, make_fake_glas_shared
+from fakes.glas import make_fake_glas_official, make_fake_glas_shared
 from ikdmil.prepare.glas import prepare_glas
 from ikdmil.data.manifest import load_samples
 from ikdmil.errors import IkdmilError

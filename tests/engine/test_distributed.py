@@ -61,8 +61,7 @@ def test_memory_loader_shards_and_matches_the_dataset():
     assert set(seen[0]).isdisjoint(seen[1]) and set(seen[0]) | set(seen[1]) == set(range(10))
 
 
-def test_pipeline_with_the_memory_loader(tiny_synth, tmp_path):
-    from conftest import tiny_config
+def test_pipeline_with_the_memory_loader(tiny_synth, tmp_path, tiny_config):
     from ikdmil.engine.loop import MemoryLoader
     from ikdmil.engine.pipeline import Pipeline
 

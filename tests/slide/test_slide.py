@@ -15,7 +15,7 @@ from ikdmil.slide.tiff import write_pyramid_tiff
 from ikdmil.errors import IkdmilError
 from ikdmil.slide.geojson import feature_collection, mask_polygons, read_polygons, to_level0
 from ikdmil.inference import BandStitcher, blend_window, slide_geometry
-from slide_fakes import painted_slide, synth_slide, write_asap_xml, write_slide
+from fakes.slides import painted_slide, synth_slide, write_asap_xml, write_slide
 
 
 @pytest.fixture(scope="module")

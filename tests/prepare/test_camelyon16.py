@@ -10,7 +10,7 @@ from PIL import Image
 from ikdmil.cli import main
 from ikdmil.prepare.camelyon16 import Camelyon16Options, _choose, _Slide
 from ikdmil.data.manifest import load_samples
-from slide_fakes import make_fake_camelyon16
+from fakes.slides import make_fake_camelyon16
 
 # --patch-size 32 at level 1 (2x downsample) = one 64 px cell of the fake slides
 ARGS = ["--patch-size", "32", "--quiet"]

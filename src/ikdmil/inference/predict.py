@@ -25,7 +25,6 @@ OUT/overlays/NAME.png are written, and OUT/patches.json lists each image's tumou
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -33,7 +32,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,68 +42,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ikdmil import __version__
-from ikdmil.io import _one_line, chmod_default, read_rgb, write_png, write_text
-from ikdmil.slide.tissue import TissueMap, TissueParams, slide_tissue
+from ikdmil.io import one_line, replace_folder, chmod_default, read_rgb, write_png, write_text
+from ikdmil.slide.tissue import TissueMap, slide_tissue
 from ikdmil.slide.reader import PLAIN_SUFFIXES, ImageSlide, Slide, expand_inputs, open_slide, read_scaled
 from ikdmil.slide.tiff import write_pyramid_tiff
 from ikdmil.errors import IkdmilError
+from ikdmil.inference.settings import DEFAULT_MODEL_MPP, PredictSettings
 
-DEFAULT_MODEL_MPP = 0.5  # 20x: the resolution models are assumed to be trained at unless they say otherwise
 CONFIG_NAME = "predict_config.yaml"
 SUMMARY_NAME = "summary.json"
-
-
-@dataclass
-class PredictSettings:
-    """Every option of `ikdmil predict`; saved next to the outputs as predict_config.yaml."""
-
-    model_mpp: float | None = None  # None: the model file's "mpp", else DEFAULT_MODEL_MPP
-    mpp: float | None = None  # override the slides' resolution (µm per level-0 px)
-    tile_size: int | None = None  # model px; None: the model's input size
-    overlap: int | None = None  # model px; None: tile_size // 4 (rounded to out_stride)
-    out_stride: int = 4  # model px per output px of the probability map
-    batch_size: int | None = None  # tiles per forward pass; None: 4 on CPU (memory), 32 on CUDA
-    workers: int = -1  # tile-reading processes; -1: automatic
-    threshold: float = 0.5
-    sigma: float = 3.0  # Gaussian smoothing of each tile's map (model px) before stitching; 0 = off
-    min_tissue: float = 0.0  # a tile is processed when its tissue fraction is above this
-    tissue: TissueParams = field(default_factory=TissueParams)
-    tissue_mask: str | None = None  # mask image / GeoJSON, or a folder of NAME.{png,geojson,...}
-    all_tissue: bool = False  # process every tile (no tissue detection)
-    min_area_um2: float = 2000.0  # GeoJSON: polygons and holes smaller than this are dropped
-    class_name: str = "Tumor"
-    colour: tuple[int, int, int] = (200, 0, 0)
-    thumbnail_size: int = 2048
-    mode: str = "auto"  # auto | slide | patch
-    patch_max: int = 2048  # auto mode: plain images up to this size (longest side) are patches
-    device: str = "auto"
-    amp: bool = True
-    overwrite: bool = False
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["colour"] = list(self.colour)
-        return d
-
-    def validate(self) -> "PredictSettings":
-        checks = [
-            (self.out_stride >= 1, "--out-stride must be at least 1"),
-            (self.batch_size is None or self.batch_size >= 1, "--batch-size must be at least 1"),
-            (0.0 < self.threshold < 1.0, "--threshold must be in (0, 1)"),
-            (self.sigma >= 0, "--sigma must be >= 0"),
-            (0.0 <= self.min_tissue < 1.0, "--min-tissue must be in [0, 1)"),
-            (self.min_area_um2 >= 0, "--min-area must be >= 0"),
-            (self.mode in ("auto", "slide", "patch"), "--as must be auto, slide or patch"),
-            (self.model_mpp is None or self.model_mpp > 0, "--model-mpp must be positive"),
-            (self.mpp is None or self.mpp > 0, "--mpp must be positive"),
-            (self.thumbnail_size >= 16, "--thumbnail-size must be at least 16"),
-            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-             "--device must be auto, cpu or cuda"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise IkdmilError(msg)
-        return self
 
 
 @dataclass
@@ -279,7 +225,7 @@ class TileDataset(torch.utils.data.Dataset):
             region = read_scaled(self._get_slide(), self.boxes[i], (self.tile, self.tile))
             return torch.from_numpy(np.ascontiguousarray(region)).permute(2, 0, 1), i, ""
         except Exception as exc:  # noqa: BLE001 - reported per slide by the main process
-            msg = str(exc) if isinstance(exc, IkdmilError) else f"{self.path}: cannot read a tile ({_one_line(exc)})"
+            msg = str(exc) if isinstance(exc, IkdmilError) else f"{self.path}: cannot read a tile ({one_line(exc)})"
             return torch.zeros(3, self.tile, self.tile, dtype=torch.uint8), i, " ".join(msg.split())
 
     def __getstate__(self):
@@ -482,7 +428,7 @@ def predict_slide(lm: LoadedModel, slide_path: Path, out_dir: Path, settings: Pr
                                  progress, t_start)
             summary["settings_key"] = key
             write_text(tmp / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
-            _install(tmp, out_dir)
+            replace_folder(tmp, out_dir, hidden=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -490,17 +436,6 @@ def predict_slide(lm: LoadedModel, slide_path: Path, out_dir: Path, settings: Pr
         slide.close()
     summary["status"] = "done"
     return summary
-
-
-def _install(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        old.rmdir()
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def _run_slide(lm: LoadedModel, slide: Slide, slide_path: Path, tmp: Path, settings: PredictSettings,
@@ -623,7 +558,7 @@ def _run_slide(lm: LoadedModel, slide: Slide, slide_path: Path, tmp: Path, setti
 def predict_patches(lm: LoadedModel, paths: list[Path], out: Path, settings: PredictSettings,
                     progress: bool = True) -> tuple[list[dict], list[tuple[Path, str]]]:
     """Masks and overlays for patch images, in batches; returns (per-image results, failures)."""
-    from ikdmil.data.dataset import _resize_rgb
+    from ikdmil.data.dataset import resize_rgb
     from ikdmil.visualize import heatmap, overlay, side_by_side
 
     size = settings.tile_size or lm.input_size
@@ -639,7 +574,7 @@ def predict_patches(lm: LoadedModel, paths: list[Path], out: Path, settings: Pre
             except IkdmilError as exc:
                 failures.append((p, str(exc)))
         if ok:
-            batch = torch.from_numpy(np.stack([_resize_rgb(im, size) for im in images])).permute(0, 3, 1, 2)
+            batch = torch.from_numpy(np.stack([resize_rgb(im, size) for im in images])).permute(0, 3, 1, 2)
             probs = gaussian_smooth(lm.fused(batch), settings.sigma).cpu().numpy()
             for p, img, pr in zip(ok, images, probs):
                 h, w = img.shape[:2]
@@ -755,7 +690,7 @@ def predict(model: str | os.PathLike, inputs: list[str | os.PathLike], out: str 
         except IkdmilError as exc:
             failures.append((str(p), " ".join(str(exc).split())))
         except Exception as exc:  # noqa: BLE001 - one bad slide must not stop the batch
-            failures.append((str(p), f"{p}: failed ({type(exc).__name__}: {_one_line(exc)})"))
+            failures.append((str(p), f"{p}: failed ({type(exc).__name__}: {one_line(exc)})"))
     patches: list[dict] = []
     if patch_paths:
         patches, bad = predict_patches(lm, patch_paths, out, settings, progress)

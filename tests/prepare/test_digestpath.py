@@ -9,7 +9,7 @@ from PIL import Image
 from ikdmil.cli import main
 from ikdmil.prepare.digestpath import crop_positions
 from ikdmil.data.manifest import load_samples
-from slide_fakes import make_fake_digestpath
+from fakes.slides import make_fake_digestpath
 
 ARGS = ["--patch-size", "64", "--tissue-min-object-um2", "100", "--quiet"]
 

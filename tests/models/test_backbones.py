@@ -2,7 +2,7 @@
 GeM MIL loss by hand, Swin's shifted windows against a per-token reference, and a user's own backbone
 registered from Python and trained through the CLI.
 
-The output contract (shapes, [0, 1]) of every backbone is checked in test_models.py.
+The output contract (shapes, [0, 1]) of every backbone is checked in tests/models/test_models.py.
 """
 
 import math

@@ -2,12 +2,11 @@
 
 import json
 
-from conftest import tiny_config
 from ikdmil.prepare.glas import prepare_glas
 from ikdmil.engine.pipeline import Pipeline
 
 
-def test_glas_prepare_and_train_a_few_steps(glas_dir, tmp_path):
+def test_glas_prepare_and_train_a_few_steps(glas_dir, tmp_path, tiny_config):
     manifest = prepare_glas(glas_dir, tmp_path / "glas", progress=False)
     cfg = tiny_config(manifest, tmp_path / "run", input_size=64, batch_size=16, teacher_epochs=1,
                       fusion_epochs=1, distill_epochs=1, eval_sigma=3.0)
