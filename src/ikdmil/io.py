@@ -12,6 +12,11 @@ Conversions we do on purpose (documented in the README):
 Masks must hold exactly two values, 0 and 255 or 0 and 1 (a single value is fine); anything else is
 rejected, because guessing a threshold silently changes what the model is scored against.
 
+Patches and masks larger than `max_image_pixels()` (Pillow's own default, 89 Mpx, unless the
+environment variable ``IKDMIL_MAX_IMAGE_PIXELS`` says otherwise) are refused before any pixel is
+decoded: a 109-byte file may claim 30000 x 30000 px, and a really large image is a slide, which
+`ikdmil predict` reads tile by tile.
+
 Every problem is an `IkdmilError` whose one-line message names the file and says what to do.
 """
 
@@ -30,7 +35,25 @@ from PIL import Image, UnidentifiedImageError
 
 from ikdmil.errors import IkdmilError
 
-Image.MAX_IMAGE_PIXELS = None  # large histology tiles are normal; we never open whole slides here
+MAX_PIXELS_ENV = "IKDMIL_MAX_IMAGE_PIXELS"
+# Pillow's global guard is off (slides are legitimately huge and are read by the slide reader); patches
+# and masks get our own limit in open_image, with a message that says what to do.
+Image.MAX_IMAGE_PIXELS = None
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb warning limit (~9459 x 9459 px)
+
+
+def max_image_pixels() -> int:
+    """The largest patch or mask (in pixels) we decode whole; set by IKDMIL_MAX_IMAGE_PIXELS."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(float(raw))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise IkdmilError(f"{MAX_PIXELS_ENV}={raw!r}: expected a positive number of pixels, e.g. 200000000")
+    return value
 
 
 def chmod_default(path: str | os.PathLike, mode: int) -> None:
@@ -106,8 +129,17 @@ def open_image(path: Path) -> Image.Image:
         raise IkdmilError(f"{path}: file not found; check the path in the manifest or folder")
     if path.is_dir():
         raise IkdmilError(f"{path}: is a folder, not an image; check the path in the manifest or folder")
+    limit = max_image_pixels()
     try:
-        img = Image.open(path)
+        img = Image.open(path)  # reads the header only
+        width, height = img.size
+        if width * height > limit:
+            img.close()
+            raise IkdmilError(
+                f"{path}: image header says {width} x {height} px ({width * height / 1e6:.0f} Mpx), above the "
+                f"{limit / 1e6:.0f} Mpx limit for patches and masks; segment a large image as a slide with "
+                f"ikdmil predict, or raise the limit with {MAX_PIXELS_ENV}=N"
+            )
         img.load()  # forces a full decode, so truncated files fail here and not mid-epoch
     except PermissionError as exc:
         raise IkdmilError(f"{path}: cannot open ({one_line(exc)}); make the file readable") from None
