@@ -52,3 +52,20 @@ def test_a_bad_limit_value_is_a_clear_error(tmp_path, monkeypatch):
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "ok.png")
     with pytest.raises(IkdmilError, match=MAX_PIXELS_ENV):
         read_rgb(tmp_path / "ok.png")
+
+
+def test_manifest_paths_outside_the_dataset_are_read_and_said_once(tmp_path, caplog):
+    from ikdmil.data.manifest import read_manifest
+
+    store = tmp_path / "store"
+    store.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(store / name)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.csv").write_text(f"image,label,mask,split\n../store/a.png,0,,train\n{store / 'b.png'},0,,val\n")
+    with caplog.at_level("WARNING", logger="ikdmil"):
+        samples = read_manifest(data / "manifest.csv")
+    assert [s.image.resolve() for s in samples] == [store / "a.png", store / "b.png"]
+    notes = [r for r in caplog.records if "outside the manifest's folder" in r.getMessage()]
+    assert len(notes) == 1 and "2 of 2" in notes[0].getMessage()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import io
 import os
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from typing import Iterable
 
 from ikdmil.io import write_text
 from ikdmil.errors import IkdmilError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -110,7 +113,27 @@ def read_manifest(path: str | os.PathLike) -> list[Sample]:
         raise IkdmilError(f"{path}: cannot read manifest ({' '.join(str(exc).split())}); check the file") from None
     if not samples:
         raise IkdmilError(f"{path}: manifest has no rows; add one line per image")
+    _note_paths_outside(samples, path)
     return samples
+
+
+def _outside(file: Path, root: Path) -> bool:
+    try:
+        file.resolve().relative_to(root.resolve())
+        return False
+    except ValueError:
+        return True
+
+
+def _note_paths_outside(samples: list[Sample], manifest: Path) -> None:
+    """Absolute or ``../`` paths are allowed (a shared image store is common), but said once, because a
+    dataset copied elsewhere would then silently read files that are not part of it."""
+    root = manifest.parent
+    files = [f for s in samples for f in (s.image, s.mask) if f is not None]
+    outside = [f for f in files if _outside(f, root)]
+    if outside:
+        log.warning("%s: %d of %d file path(s) lie outside the manifest's folder (e.g. %s); they are read as given",
+                    manifest, len(outside), len(files), outside[0])
 
 
 def scan_folder(root: str | os.PathLike) -> list[Sample]:
