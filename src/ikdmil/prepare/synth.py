@@ -575,8 +575,8 @@ def make_synthetic_dataset(
     on the order of generation. Each split gets at least two images and at least one of each class;
     positives get tumour fractions from small foci (~4%) to whole patches (100%), handed out in turn
     within each split. Also writes out/synth.json with the generator parameters; the manifest is
-    written last. Files of the same name are overwritten; other files in `out` are left alone (the
-    manifest lists exactly this dataset).
+    written last. `out` must be new, empty, or hold this very dataset (same parameters, so rewriting it
+    changes nothing); anything else is refused, so two datasets are never mixed.
     """
     try:
         n = int(n)
@@ -617,6 +617,7 @@ def make_synthetic_dataset(
         "test_fraction": test_fraction,
         "pos_fraction": pos_fraction,
     }
+    _check_target(out, params)
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "synth.json", json.dumps(params, indent=2) + "\n")
@@ -625,6 +626,25 @@ def make_synthetic_dataset(
         return write_manifest(samples, out / MANIFEST_NAME)
     except OSError as exc:
         raise IkdmilError(f"{out}: cannot write the synthetic dataset ({exc}); choose a writable folder") from None
+
+
+def _check_target(out: Path, params: dict) -> None:
+    """Write only into a new or empty folder, or over the same synthetic dataset (same parameters:
+    the files come out identical). Anything else would overwrite same-named files of another dataset
+    and leave its other files unlisted."""
+    if out.exists() and not out.is_dir():
+        raise IkdmilError(f"{out}: is a file, not a folder; choose a new folder for the synthetic dataset")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        previous = json.loads((out / "synth.json").read_text())
+    except (OSError, ValueError):
+        previous = None
+    if previous != params:
+        what = "another synthetic dataset" if isinstance(previous, dict) else "files that are not a synthetic dataset"
+        raise IkdmilError(
+            f"{out}: folder holds {what}; choose a new or empty folder (synth never mixes two datasets in one)"
+        )
 
 
 def _write_images(out: Path, plan: list[tuple[str, int]], seed: int, size: int, progress: bool) -> list[Sample]:
