@@ -31,7 +31,23 @@ def available_backbones() -> list[str]:
 
 
 def create_model(name: str, pretrained: str | None = "imagenet", verbose: bool = False):
-    """Build a MILSegmenter; returns (model, message about the weights)."""
+    """Build a registered backbone wrapped in a `MILSegmenter` (side heads + fusion).
+
+    Args:
+        name: a registered backbone (`available_backbones()`), e.g. ``"vgg16"`` or ``"resnet18"``.
+        pretrained: ``"imagenet"`` (bundled or local weights; nothing is downloaded), ``"none"`` for
+            random init, or a path to a weights file in a layout the backbone's family accepts.
+        verbose: unused; kept for callers that pass it.
+
+    Returns:
+        ``(model, message)``: the model maps ``(B, 3, H, W)`` to a `MILOutput` (side maps and fused map,
+        each ``(B, 1, H, W)`` in [0, 1]); the message says which weights were loaded.
+
+    Example:
+        >>> model, msg = create_model("vgg16", pretrained="none")
+        >>> model(torch.rand(1, 3, 64, 64)).fused.shape
+        torch.Size([1, 1, 64, 64])
+    """
     from ikdmil.models.heads import MILSegmenter
 
     if name not in _REGISTRY:

@@ -188,7 +188,21 @@ def _process(name: str, image: Path, mask_path: Path | None, split: str, opts: D
 
 def prepare_digestpath(images_dir: str | os.PathLike, masks_dir: str | os.PathLike, out: str | os.PathLike,
                        options: DigestPathOptions | None = None, progress: bool = True) -> Path:
-    """Build the DigestPath crop dataset (see the module docstring); returns OUT/manifest.csv."""
+    """Build the DigestPath crop dataset (see the module docstring); resumable image by image.
+
+    Args:
+        images_dir: the colonoscopy tissue images (positives and negatives).
+        masks_dir: the pixel masks of the positives (``NAME_mask.jpg``), the source of crop labels.
+        out: output folder (the ikdmil layout plus ``manifest.csv`` and a summary JSON).
+        options: crop size, µm/px, counts, tissue detection (`DigestPathOptions`).
+        progress: show progress bars.
+
+    Returns:
+        The path of ``OUT/manifest.csv``.
+
+    Example:
+        >>> prepare_digestpath("dp/tissue-train-pos", "dp/masks", "data/digestpath")
+    """
     opts = (options or DigestPathOptions()).validate()
     images_dir, masks_dir = Path(images_dir).absolute(), Path(masks_dir).absolute()
     items = _pair(images_dir, masks_dir)

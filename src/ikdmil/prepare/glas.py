@@ -416,6 +416,19 @@ def prepare_glas(
     empty mask; test = testA + testB; validation is ~val_fraction of train, chosen by patient from `seed`.
     Everything is written into a sibling temporary folder first and renamed to `out` at the end, so an
     error leaves `out` untouched. A non-empty `out` is only replaced if it is a previous GlaS preparation.
+
+    Args:
+        src: the official release (``train_1.bmp`` + ``Grade.csv``) or ``images/ labels/ index.csv``.
+        out: output folder.
+        val_fraction: share of the train patients held out for validation (model selection).
+        seed: which patients go to validation.
+        progress: show a progress bar.
+
+    Returns:
+        The path of ``OUT/manifest.csv``.
+
+    Example:
+        >>> prepare_glas("../shared/data/glas", "data/glas")
     """
     src_path = Path(src).absolute()
     out_path = Path(out).absolute()

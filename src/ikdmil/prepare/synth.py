@@ -577,6 +577,10 @@ def make_synthetic_dataset(
     within each split. Also writes out/synth.json with the generator parameters; the manifest is
     written last. `out` must be new, empty, or hold this very dataset (same parameters, so rewriting it
     changes nothing); anything else is refused, so two datasets are never mixed.
+
+    Example:
+        >>> make_synthetic_dataset("data/synth", n=240, seed=0, size=256)
+        PosixPath('data/synth/manifest.csv')
     """
     try:
         n = int(n)
