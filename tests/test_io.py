@@ -69,3 +69,46 @@ def test_manifest_paths_outside_the_dataset_are_read_and_said_once(tmp_path, cap
     assert [s.image.resolve() for s in samples] == [store / "a.png", store / "b.png"]
     notes = [r for r in caplog.records if "outside the manifest's folder" in r.getMessage()]
     assert len(notes) == 1 and "2 of 2" in notes[0].getMessage()
+
+
+def test_temporaries_of_a_killed_run_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from ikdmil.io import atomic_path, make_temp_dir, remove_stale_temps, temp_prefix
+
+    # a process killed mid-write (os._exit skips every cleanup) leaves its temporaries behind
+    code = ("import os, sys; from pathlib import Path; from ikdmil.io import atomic_path, make_temp_dir\n"
+            "d = make_temp_dir(Path(sys.argv[1]) / 'cache-entry'); (d / 'images.npy').write_bytes(b'x' * 1000)\n"
+            "with atomic_path(Path(sys.argv[1]) / 'checkpoint.pt') as t:\n    t.write_bytes(b'half'); os._exit(9)\n")
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path)]).returncode == 9
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 2 and all(".tmp-" in name for name in left)
+    # ours (a live process) and another host's (a shared disk) are not touched
+    mine = make_temp_dir(tmp_path / "running")
+    with atomic_path(tmp_path / "done.txt") as t:
+        t.write_text("ok")
+    foreign = tmp_path / ".x.tmp-otherhost-1-abc"
+    foreign.write_text("theirs")
+    (tmp_path / "keep.txt").write_text("user file")
+    removed = remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in removed) == left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, foreign.name, "done.txt", "keep.txt"])
+    assert mine.name.startswith(temp_prefix(tmp_path / "running"))
+
+
+def test_the_cache_clears_what_a_killed_build_left(tmp_path, tiny_synth):
+    from ikdmil.data.dataset import build_cache
+    from ikdmil.data.manifest import load_samples
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    import socket
+
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40]
+    stale = cache / f".abc.tmp-{host}-999999999-zz"  # no such process
+    stale.mkdir()
+    (stale / "images.npy").write_bytes(b"0" * 4096)
+    samples = [s for s in load_samples(tiny_synth) if s.split == "train"]
+    build_cache(samples, 32, cache, False, "test")
+    assert not stale.exists()

@@ -23,7 +23,9 @@ Every problem is an `IkdmilError` whose one-line message names the file and says
 from __future__ import annotations
 
 import os
+import logging
 import shutil
+import socket
 import tempfile
 import zlib
 from contextlib import contextmanager
@@ -34,6 +36,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ikdmil.errors import IkdmilError
+
+log = logging.getLogger(__name__)
 
 MAX_PIXELS_ENV = "IKDMIL_MAX_IMAGE_PIXELS"
 # Pillow's global guard is off (slides are legitimately huge and are read by the slide reader); patches
@@ -63,15 +67,82 @@ def chmod_default(path: str | os.PathLike, mode: int) -> None:
     os.chmod(path, mode & ~umask)
 
 
+def _owner_tag() -> str:
+    """``HOST-PID``: put into every temporary name, so a later run can tell an abandoned one (its process
+    is gone) from one that another live process is still writing."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def temp_prefix(target: str | os.PathLike, hidden: bool = True) -> str:
+    """The name prefix of temporary files and folders written for `target` by this process."""
+    return f"{'.' if hidden else ''}{Path(target).name}.tmp-{_owner_tag()}-"
+
+
+def make_temp_dir(target: str | os.PathLike, hidden: bool = True) -> Path:
+    """A new temporary folder beside `target`, to be renamed onto it when complete."""
+    target = Path(target)
+    return Path(tempfile.mkdtemp(prefix=temp_prefix(target, hidden), dir=target.parent))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files and folders in `folder` left by killed ikdmil processes of this host.
+
+    Only names written by `atomic_path` / `make_temp_dir` whose process no longer runs are removed; a
+    temporary of a live process (a concurrent run) or of another host (a shared disk) is left alone.
+    Each command calls this on the folders it writes, so a kill never leaves full-size memory maps
+    behind for good. Returns what was removed.
+    """
+    folder = Path(folder)
+    host = _owner_tag().rsplit("-", 1)[0]
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if ".tmp-" not in name:
+            continue
+        owner = name.split(".tmp-", 1)[1].split("-")
+        if len(owner) < 3 or owner[0] != host or not owner[1].isdigit():
+            continue
+        if int(owner[1]) == os.getpid() or _pid_alive(int(owner[1])):
+            continue
+        path = Path(entry.path)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by an interrupted run", folder, len(removed))
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds.
 
-    Readers never see a half-written file, and an interrupted run leaves no partial output.
+    Readers never see a half-written file, and an interrupted run leaves no partial output (a kill
+    leaves a temporary named by `temp_prefix`, which `remove_stale_temps` clears on the next run).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -26,7 +26,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from ikdmil.io import read_rgb, replace_folder, write_png, write_text
+from ikdmil.io import make_temp_dir, read_rgb, remove_stale_temps, replace_folder, write_png, write_text
 from ikdmil.data.manifest import MANIFEST_NAME, Sample, write_manifest
 from ikdmil.errors import IkdmilError
 from ikdmil.prepare.common import natural_key
@@ -444,7 +443,8 @@ def prepare_glas(
     val_patients = _choose_val_patients(train, float(val_fraction), int(seed), src_path)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out_path.name}.tmp-", dir=out_path.parent))
+    remove_stale_temps(out_path.parent)
+    tmp = make_temp_dir(out_path, hidden=False)
     try:
         for split in ("train", "val", "test"):
             for sub in ("pos", "neg", "masks"):
