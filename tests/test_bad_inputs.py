@@ -180,7 +180,7 @@ def test_manifest_with_bom_and_good_rows_is_accepted(tmp_path, capsys):
 
 
 def test_binary_file_as_manifest(tmp_path, capsys):
-    data = make_data(tmp_path / "data", n=1)
+    make_data(tmp_path / "data", n=1)
     bogus = tmp_path / "data.csv"
     bogus.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00garbage")
     rc, err = train(bogus, tmp_path, capsys)
