@@ -5,6 +5,7 @@ line naming the file (and the key), nothing created."""
 from __future__ import annotations
 
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +44,11 @@ def test_obvious_coercions_only():
     assert coerce("1e-4", float) == 1e-4 and isinstance(coerce(3, float), float)
     assert coerce("12", int) == 12 and coerce(None, int | None) is None
     assert coerce([1, 2, 3], tuple[int, int, int]) == (1, 2, 3)
+    assert coerce("0.2, 0.3,0.5", list[float]) == [0.2, 0.3, 0.5] and coerce([1, "2"], tuple[int, ...]) == (1, 2)
+    assert coerce("side", typing.Literal["fusion", "side"]) == "side"
     for value, tp in [(1.5, int), (2.0, int), ("1.5", int), (True, int), ("no", bool), ("false", bool), (0, bool),
-                      ("fast", float), (True, float), (3, str), (None, float), ([1, 2], tuple[int, int, int])]:
+                      ("fast", float), (True, float), (3, str), (None, float), ([1, 2], tuple[int, int, int]),
+                      ("1,x", list[float]), (5, list[int]), ("both", typing.Literal["fusion", "side"])]:
         with pytest.raises(ValueError, match="expected"):
             coerce(value, tp)
 

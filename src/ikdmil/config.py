@@ -162,15 +162,26 @@ def coerce(value: Any, tp: Any) -> Any:
         if isinstance(value, (str, os.PathLike)):
             return os.fspath(value)
         raise ValueError(f"expected text, got {value!r} (put it in quotes)")
-    if typing.get_origin(tp) is tuple:
-        return _coerce_tuple(value, typing.get_args(tp))
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ValueError(f"expected one of {', '.join(map(str, typing.get_args(tp)))}, got {value!r}")
+    if origin in (tuple, list):
+        return _coerce_sequence(value, origin, typing.get_args(tp))
     return value  # other annotations are not checked
 
 
-def _coerce_tuple(value: Any, args: tuple) -> tuple:
-    if isinstance(value, (list, tuple)) and len(value) == len(args):
-        return tuple(coerce(v, a) for v, a in zip(value, args))
-    raise ValueError(f"expected a list of {len(args)} values, got {value!r}")
+def _coerce_sequence(value: Any, origin: type, args: tuple) -> tuple | list:
+    """list[X], tuple[X, ...] or tuple[X, Y, Z] from a YAML list or comma-separated text ("0.2,0.3,0.5")."""
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"expected a list, got {value!r}")
+    if origin is list or (len(args) == 2 and args[1] is Ellipsis):
+        return origin(coerce(v, args[0] if args else Any) for v in items)
+    if len(items) != len(args):
+        raise ValueError(f"expected a list of {len(args)} values, got {value!r}")
+    return tuple(coerce(v, a) for v, a in zip(items, args))
 
 
 def convert(value: Any, tp: Any, opt: Opt) -> Any:
