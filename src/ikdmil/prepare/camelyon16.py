@@ -34,6 +34,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import logging
 import os
 import random
 import re
@@ -50,6 +51,8 @@ from ikdmil.prepare.common import ResumableOutput, format_counts, natural_key, s
 from ikdmil.slide.tissue import TissueParams, slide_tissue
 from ikdmil.slide.reader import open_slide, read_scaled
 from ikdmil.errors import IkdmilError
+
+log = logging.getLogger(__name__)
 
 PREPARER_ID = "ikdmil.prepare.camelyon16"
 SUMMARY_NAME = "camelyon16_summary.json"
@@ -477,6 +480,5 @@ def prepare_camelyon16(slides_dir: str | os.PathLike, annotations_dir: str | os.
         ),
     }
     manifest = store.finish(records, summary)
-    if progress:
-        print(f"camelyon16: {format_counts(records)}")
+    log.info("camelyon16: %s", format_counts(records))
     return manifest

@@ -22,6 +22,7 @@ and ``OUT/digestpath_summary.json``. Resumable (see `ikdmil.prepare.common`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import random
@@ -36,6 +37,8 @@ from ikdmil.io import open_image, read_rgb, write_png
 from ikdmil.prepare.common import ResumableOutput, format_counts, natural_key, save_patch_image
 from ikdmil.slide.tissue import TissueMap, TissueParams, detect_tissue, overview_downsample
 from ikdmil.errors import IkdmilError
+
+log = logging.getLogger(__name__)
 
 PREPARER_ID = "ikdmil.prepare.digestpath"
 SUMMARY_NAME = "digestpath_summary.json"
@@ -234,6 +237,5 @@ def prepare_digestpath(images_dir: str | os.PathLike, masks_dir: str | os.PathLi
                      f"split by image (val {opts.val_fraction}, test {opts.test_fraction}, seed {opts.seed})"),
     }
     manifest = store.finish(records, summary)
-    if progress:
-        print(f"digestpath: {format_counts(records)}")
+    log.info("digestpath: %s", format_counts(records))
     return manifest
