@@ -93,6 +93,8 @@ BAD_OPTIONS = [
     ("train", "--threshold", "1", "(0, 1)"),
     ("train", "--input-size", "8", "at least 32"),
     ("train", "--device", "gpu", "one of auto, cpu, cuda"),
+    ("train", "--batch-size", "9" * 5000, "whole number"),
+    ("train", "--lr", "1" + "0" * 400, "finite"),
     ("run", "--swap-every", "0", "at least 1"),
     ("distill", "--batch-size", "0", "at least 1"),
     ("demo", "--lr", "-1", "positive"),
@@ -120,7 +122,7 @@ PREFIX = {"train": ["train", "DATA"], "run": ["run", "DATA"], "distill": ["disti
 
 
 @pytest.mark.parametrize("command, option, value, words", BAD_OPTIONS,
-                         ids=[f"{c}{o}={v}" for c, o, v, _ in BAD_OPTIONS])
+                         ids=[f"{c}{o}={v[:12]}" for c, o, v, _ in BAD_OPTIONS])
 def test_bad_option_value_is_one_line_naming_the_option(command, option, value, words, tmp_path, capsys):
     out = tmp_path / "out"
     argv = [a.replace("DATA", str(tmp_path / "data")) for a in PREFIX[command]]

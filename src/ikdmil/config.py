@@ -129,7 +129,13 @@ def optional_inner(tp: Any) -> tuple[Any, bool]:
 
 
 # ----------------------------------------------------------------- types and bounds
-_INT_TEXT = re.compile(r"\s*[-+]?\d+\s*")
+_INT_TEXT = re.compile(r"\s*[-+]?\d{1,30}\s*")  # longer is no count or size anyone means
+
+
+def brief(value: Any, limit: int = 60) -> str:
+    """repr(value), shortened for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 5] + "...'" if isinstance(value, str) else text[:limit] + "..."
 
 
 def coerce(value: Any, tp: Any) -> Any:
@@ -142,13 +148,13 @@ def coerce(value: Any, tp: Any) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"expected true or false, got {value!r}")
+        raise ValueError(f"expected true or false, got {brief(value)}")
     if tp is int:
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return int(value)
         if isinstance(value, str) and _INT_TEXT.fullmatch(value):
             return int(value)
-        raise ValueError(f"expected a whole number, got {value!r}")
+        raise ValueError(f"expected a whole number, got {brief(value)}")
     if tp is float:
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return float(value)
@@ -157,16 +163,16 @@ def coerce(value: Any, tp: Any) -> Any:
                 return float(value)  # "1e-4" (YAML 1.1 reads it as text); "inf"/"nan" are refused by check_value
             except ValueError:
                 pass
-        raise ValueError(f"expected a number, got {value!r}")
+        raise ValueError(f"expected a number, got {brief(value)}")
     if tp is str:
         if isinstance(value, (str, os.PathLike)):
             return os.fspath(value)
-        raise ValueError(f"expected text, got {value!r} (put it in quotes)")
+        raise ValueError(f"expected text, got {brief(value)} (put it in quotes)")
     origin = typing.get_origin(tp)
     if origin is typing.Literal:
         if value in typing.get_args(tp):
             return value
-        raise ValueError(f"expected one of {', '.join(map(str, typing.get_args(tp)))}, got {value!r}")
+        raise ValueError(f"expected one of {', '.join(map(str, typing.get_args(tp)))}, got {brief(value)}")
     if origin in (tuple, list):
         return _coerce_sequence(value, origin, typing.get_args(tp))
     return value  # other annotations are not checked
@@ -176,11 +182,11 @@ def _coerce_sequence(value: Any, origin: type, args: tuple) -> tuple | list:
     """list[X], tuple[X, ...] or tuple[X, Y, Z] from a YAML list or comma-separated text ("0.2,0.3,0.5")."""
     items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)):
-        raise ValueError(f"expected a list, got {value!r}")
+        raise ValueError(f"expected a list, got {brief(value)}")
     if origin is list or (len(args) == 2 and args[1] is Ellipsis):
         return origin(coerce(v, args[0] if args else Any) for v in items)
     if len(items) != len(args):
-        raise ValueError(f"expected a list of {len(args)} values, got {value!r}")
+        raise ValueError(f"expected a list of {len(args)} values, got {brief(value)}")
     return tuple(coerce(v, a) for v, a in zip(items, args))
 
 
@@ -206,20 +212,21 @@ def describe_bounds(opt: Opt) -> str:
 def check_value(opt: Opt, value: Any) -> str | None:
     """What is wrong with `value` (already coerced) for `opt`, e.g. "must be at least 0 (got -1)"; None if fine."""
     if opt.choices and value is not None and value not in opt.choices:
-        return f"must be one of {', '.join(map(str, opt.choices))} (got {value!r})"
+        return f"must be one of {', '.join(map(str, opt.choices))} (got {brief(value)})"
     if opt.check is not None and value is not None:
         problem = opt.check(value)
         if problem:
             return problem
     if value is None or isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         return f"must be a finite number (got {value})"
     ok = ((opt.min is None or value >= opt.min) and (opt.above is None or value > opt.above)
           and (opt.max is None or value <= opt.max) and (opt.below is None or value < opt.below))
     if ok:
         return None
-    return f"must be {describe_bounds(opt)} (got {value:g})" + (f"; {opt.hint}" if opt.hint else "")
+    shown = f"{value:g}" if isinstance(value, float) else brief(value)
+    return f"must be {describe_bounds(opt)} (got {shown})" + (f"; {opt.hint}" if opt.hint else "")
 
 
 def check_settings(obj: Any, prefix: str = "") -> Any:
@@ -230,7 +237,7 @@ def check_settings(obj: Any, prefix: str = "") -> Any:
         value, flag = getattr(obj, name), option_flag(cls, name, prefix)
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, tp):
-                raise IkdmilError(f"{flag}: expected {tp.__name__} settings, got {value!r}")
+                raise IkdmilError(f"{flag}: expected {tp.__name__} settings, got {brief(value)}")
             check_settings(value, prefix + name.replace("_", "-") + "-")
             continue
         opt = option_of(cls, name)
@@ -312,7 +319,7 @@ def settings_from_mapping(cls: type, raw: Mapping, source: str = "config", prefi
     """An instance of the settings dataclass `cls` from `raw`: unknown keys, types and bounds are
     checked; nested dataclass fields take mappings. Errors read "SOURCE: key: what is wrong"."""
     if not isinstance(raw, Mapping):
-        raise IkdmilError(f"{source}: {prefix.rstrip('.') or 'settings'}: expected key: value settings, got {raw!r}")
+        raise IkdmilError(f"{source}: {prefix.rstrip('.') or 'settings'}: expected key: value settings, got {brief(raw)}")
     types_ = field_types(cls)
     unknown = sorted(str(k) for k in raw if k not in types_)
     if unknown:
