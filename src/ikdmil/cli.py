@@ -520,7 +520,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tissue_args(pd)
     pd.add_argument("--quiet", action="store_true", help="no progress bars")
     pd.set_defaults(func=cmd_predict)
+
+    from ikdmil.experiment import add_experiment_args
+
+    x = sub.add_parser("experiment", formatter_class=fmt, help="variants x seeds -> tables (mean ± std) + plots",
+                       description="Run named variants x seeds on a prepared dataset, each in its own run folder "
+                                   "(resumable), then write table.md/.csv/.json and plots/*.png in --out.")
+    add_experiment_args(x)
+    x.set_defaults(func=cmd_experiment)
     return p
+
+
+def cmd_experiment(args) -> int:
+    from ikdmil.experiment import run_experiment, settings_from_args
+
+    run_experiment(settings_from_args(args))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
