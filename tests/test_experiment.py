@@ -129,6 +129,9 @@ def test_variants_with_equal_configs_share_one_run(experiment, tiny_synth):
     rows = {(r["variant"], r["model"]): r for r in table["rows"]}
     assert rows[("wce-0.25", "student")]["runs"] == rows[("ikd", "student")]["runs"]
     assert rows[("wce-0", "student")]["runs"] == [f"vgg16/no-wce/seed{s}" for s in SEEDS]
+    # the shared teacher is the same run whichever variant asks for it first
+    code, stdout, stderr = run_cli(*experiment_args(tiny_synth, out, ("no-wce", "mil")))
+    assert code == 0 and "0 to run" in stdout, stderr
     run_cli(*experiment_args(tiny_synth, out, MAIN_VARIANTS))  # restore the main tables for other tests
 
 
@@ -236,6 +239,17 @@ def test_folder_of_other_settings_is_refused(experiment, tiny_synth):
     out, _ = experiment
     code, _, stderr = run_cli(*experiment_args(tiny_synth, out, ("mil",), 1, "--set", "lr=0.5"))
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and "other settings" in stderr
+
+
+def test_variant_of_a_missing_field_is_one_line_before_any_work(tiny_synth, tmp_path, monkeypatch):
+    from ikdmil.experiment.variants import Variant
+
+    monkeypatch.setitem(VARIANTS, "future", Variant("future", "needs a newer engine", {"no_such_field": 1}))
+    out = tmp_path / "exp"
+    code, _, stderr = run_cli(*experiment_args(tiny_synth, out, ("mil", "future"), 1))
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
+    assert "variant 'future' needs RunConfig field(s) no_such_field" in stderr
+    assert not out.exists()
 
 
 def test_unknown_field_is_one_line():

@@ -152,7 +152,7 @@ def plot_group(path: Path, title: str, curves: list[dict], width_setting: int, y
         ax.set_xlabel(f"distillation epoch (points: best of each {'/'.join(map(str, widths))} epochs on val)")
         ax.set_ylabel(ylabel if key == "val" else "F1")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
     with atomic_path(path) as tmp:

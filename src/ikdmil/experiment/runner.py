@@ -29,9 +29,9 @@ import yaml
 from ikdmil.config import RunConfig
 from ikdmil.errors import IkdmilError
 from ikdmil.io import write_text
-from ikdmil.experiment.variants import (PROFILES, TEACHER_LOSS_BY_BACKBONE, VARIANTS, apply_overrides,
-                                        comparable, config_fields, missing_fields, profile_config, run_key,
-                                        stage1_key)
+from ikdmil.experiment.variants import (PROFILES, STAGE2_FIELDS, TEACHER_LOSS_BY_BACKBONE, VARIANTS,
+                                        apply_overrides, comparable, config_fields, missing_fields, profile_config,
+                                        run_key, stage1_key)
 
 MARKER = "experiment_run.json"
 
@@ -77,7 +77,8 @@ class Job:
 
     @property
     def key(self) -> str:
-        return run_key(self.cfg)
+        """What the run computes: a teacher's stage-1 settings, a distillation's whole config."""
+        return stage1_key(self.cfg) if self.kind == "teacher" else run_key(self.cfg)
 
     def finished(self) -> bool:
         return (self.run_dir / MARKER).is_file()
@@ -149,8 +150,10 @@ class Plan:
         self.variants = list(dict.fromkeys(names))
         if s.seeds < 1:
             raise IkdmilError("--seeds must be at least 1")
-        if s.teacher_loss not in ("auto", "dice", "gem"):
-            raise IkdmilError(f"--teacher-loss must be auto, dice or gem (got {s.teacher_loss!r})")
+        from ikdmil.losses import TEACHER_LOSSES
+
+        if s.teacher_loss != "auto" and s.teacher_loss not in TEACHER_LOSSES:
+            raise IkdmilError(f"--teacher-loss must be auto or one of {', '.join(TEACHER_LOSSES)} (got {s.teacher_loss!r})")
         if s.bin_width < 0:
             raise IkdmilError("--bin-width must be >= 0 (0 = each run's swap_every)")
         self.out = Path(s.out).expanduser()
@@ -204,7 +207,9 @@ class Plan:
             if k1 not in teachers:
                 canon = first_stage1.get(k1, name)
                 folder = "teacher" if canon in ("mil", "ikd") else f"teacher-{canon}"
-                tcfg = dataclasses.replace(c, out=str(self.out / b / folder / f"seed{seed}"))
+                # the canonical variant's config, so that the teacher's config.yaml is the same whichever
+                # variants asked for it
+                tcfg = dataclasses.replace(known.get(canon, c), out=str(self.out / b / folder / f"seed{seed}"))
                 teachers[k1] = Job("teacher", b, seed, tcfg, [])
                 self.jobs.append(teachers[k1])
             teacher = teachers[k1]
@@ -235,10 +240,11 @@ class Plan:
                     raise IkdmilError(f"{job.run_dir}: finished with other settings than this call's; use another "
                                       f"--out or delete that folder")
             elif saved.is_file():
-                old = comparable(RunConfig.load(saved))
-                if old != comparable(job.cfg):
-                    diff = sorted(k for k in set(old) | set(comparable(job.cfg))
-                                  if old.get(k) != comparable(job.cfg).get(k))
+                old, new = comparable(RunConfig.load(saved)), comparable(job.cfg)
+                if job.kind == "teacher":
+                    old, new = ({k: v for k, v in d.items() if k not in STAGE2_FIELDS} for d in (old, new))
+                if old != new:
+                    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                     raise IkdmilError(f"{job.run_dir}: started with other settings ({', '.join(diff)}); use another "
                                       f"--out or delete that folder")
 
@@ -255,7 +261,7 @@ class Plan:
         return out
 
     def describe(self) -> dict:
-        first = self.jobs[0].cfg if self.jobs else self.base
+        first = self.base
         return {
             "settings": dataclasses.asdict(self.settings),
             "profile": {"name": self.profile.name, "help": self.profile.help, "overrides": self.profile.overrides,
