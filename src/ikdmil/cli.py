@@ -419,6 +419,25 @@ def add_predict(sub, common) -> None:
     pd.set_defaults(func=cmd_predict, interrupted="run the same command again: finished slides are skipped")
 
 
+def add_experiment(sub, common) -> None:
+    from ikdmil.experiment import add_experiment_args
+
+    x = sub.add_parser("experiment", parents=[common], formatter_class=HelpFormatter,
+                       help="variants x seeds -> tables (mean ± std) + plots",
+                       description="Run named variants x seeds on a prepared dataset, each in its own run folder "
+                                   "(resumable), then write table.md/.csv/.json and plots/*.png in --out. "
+                                   "-v shows every run's epochs and progress bars.")
+    add_experiment_args(x)
+    x.set_defaults(func=cmd_experiment, interrupted="run the same command again: finished runs are skipped")
+
+
+def cmd_experiment(args) -> int:
+    from ikdmil.experiment import run_experiment, settings_from_args
+
+    run_experiment(settings_from_args(args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="ikdmil", description="Weakly-supervised tumour segmentation for H&E (IKD-MIL).")
     p.add_argument("--version", action="version", version=f"ikdmil {__version__}")
@@ -426,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     add_verbosity_options(common, top=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_demo, add_synth, add_prepare, add_training_commands, add_evaluate, add_predict):
+    for add in (add_demo, add_synth, add_prepare, add_training_commands, add_evaluate, add_predict, add_experiment):
         add(sub, common)
     return p
 
