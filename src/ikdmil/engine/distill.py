@@ -7,24 +7,25 @@ import copy
 import torch
 
 from ikdmil.engine.evaluate import iter_fused
-from ikdmil.engine.loop import BatchMeta, dihedral
 from ikdmil.device import autocast
+from ikdmil.engine.loop import BatchMeta, Step, dihedral
 from ikdmil.losses import student_loss
+from ikdmil.models.heads import MILSegmenter
 
 
-def freeze(model) -> None:
+def freeze(model: MILSegmenter) -> None:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
 
 
-def unfreeze(model) -> None:
+def unfreeze(model: MILSegmenter) -> None:
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
 
 
-def student_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def student_optimizer(model: MILSegmenter, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     unfreeze(model)
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
 
@@ -50,7 +51,7 @@ class TeacherTargets:
         if store.type == "cpu" and device.type == "cuda":
             self.maps = self.maps.pin_memory()
 
-    def refresh(self, teacher) -> None:
+    def refresh(self, teacher: MILSegmenter) -> None:
         for start, fused in iter_fused(teacher, self.images, self.device, self.batch_size, self.amp,
                                        desc="teacher maps"):
             self.maps[start:start + len(fused)] = fused.to(self.maps.device, torch.float16)
@@ -60,8 +61,9 @@ class TeacherTargets:
         return target if meta.ops is None else dihedral(target, meta.ops)
 
 
-def make_distill_step(student, teacher, opt: torch.optim.Optimizer, device: torch.device, amp: bool,
-                      wce_scale: float, targets: TeacherTargets | None = None):
+def make_distill_step(student: torch.nn.Module, teacher: MILSegmenter, opt: torch.optim.Optimizer,
+                      device: torch.device, amp: bool, wce_scale: float,
+                      targets: TeacherTargets | None = None) -> Step:
     """Only the student learns. The teacher's fused map comes from `targets` (cached per cycle) or,
     without a cache, from the frozen teacher run live under no_grad on the (augmented) batch."""
 
@@ -83,7 +85,7 @@ def make_distill_step(student, teacher, opt: torch.optim.Optimizer, device: torc
     return step
 
 
-def swap_roles(teacher, student) -> None:
+def swap_roles(teacher: MILSegmenter, student: MILSegmenter) -> None:
     """The student becomes the frozen teacher and the old teacher becomes the student.
 
     Weights are exchanged by deep copies of the state dicts (never aliases), so afterwards the two

@@ -58,6 +58,10 @@ class BatchMeta:
     ops: torch.Tensor | None
 
 
+#: a training step: (images, labels, batch meta) -> its losses; it does forward, backward and update
+Step = Callable[[torch.Tensor, torch.Tensor, BatchMeta | None], dict[str, float]]
+
+
 def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int, device: torch.device,
                 dist: Distributed | None = None):
     """Shuffling loader; under torchrun a DistributedSampler gives each rank its own shard
@@ -125,7 +129,7 @@ def set_loader_epoch(loader, epoch: int) -> None:
 
 
 def run_epoch(
-    step: Callable[..., dict[str, float]],
+    step: Step,
     loader,
     device: torch.device,
     augment: Augmenter,
