@@ -2,12 +2,33 @@
 
 After every epoch the run directory holds `checkpoint.pt` (everything needed to continue: models,
 optimizer, RNG states, the `Selection`, metric rows), written atomically, so `--resume` after an
-interruption continues exactly where it stopped. Model selection uses the validation split only.
+interruption continues exactly where it stopped. Model selection uses the validation split only;
+`track_test` adds test F1 to metrics.csv for the plots and changes no decision.
+
+Choices that differ from a literal reading of the paper, and why:
+- Fusion fit: Adam at `fusion_lr` 1e-4 (Adam moves a logit by about lr per step, so 6,500 steps move
+  it by at most ~0.65 and no weight can pass ~0.65; at 1e-2 the weights collapsed onto the deepest
+  side, (0.008, 0.006, 0.986) after 800 steps). The fitted weights are kept only when they beat the
+  stage-1 (uniform) weights on validation; a weight above 0.9 is warned about. `fusion_weights`
+  fixes them instead (the authors' code: 0.3, 0.3, 0.4).
+- Stage 2: the student's fusion weights copy the teacher's and stay frozen (the paper fixes them
+  after the separate fit; trained at the network's lr they drift over stage 2's far longer schedule);
+  `train_student_fusion` trains them.
+- Validation every `val_every` epochs; at a swap check (every `swap_every` epochs) the *best*
+  student of the cycle, not the last, becomes the teacher, and the old teacher becomes the student.
+- Teacher targets are exactly the live teacher's on the augmented batch (see `TeacherTargets`).
+
+metrics.csv columns: `phase` (teacher / fusion / distill), `epoch`, `loss`, `val_f1` (absent when
+validation has no masks), `val_score` (the selection score), `test_f1` (only with `track_test`),
+`swap` (stage 2: 1 when a swap happened after the epoch, else 0), then `kd`, `wce`, `cycle` (swaps
+before the epoch), `teacher_score` (the frozen teacher's val_score), `fusion_weights`, `fusion_kept`
+(1 when the fitted weights beat uniform), `seconds`.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass
 
@@ -23,8 +44,10 @@ from ikdmil.errors import IkdmilError
 from ikdmil.models import MILSegmenter
 from ikdmil.models.checkpoint import load_model, load_state_checked, read_model_meta
 
+logger = logging.getLogger(__name__)
+
 PHASES = ("teacher", "fusion", "distill", "done")
-FUSION_LR = 1e-2
+COLLAPSE_WARNING = 0.9  # a fitted fusion weight above this: the fused map is nearly one side
 
 
 @dataclass
@@ -40,30 +63,36 @@ class Best:
         return cls(score, epoch, copy.deepcopy(model.state_dict()))
 
 
+def _best_state(b: Best | None) -> dict | None:
+    return None if b is None else {"score": b.score, "epoch": b.epoch, "state": b.state}
+
+
+def _best_from(b: dict | None) -> Best | None:
+    return None if b is None else Best(b["score"], b["epoch"], b["state"])
+
+
 @dataclass
 class Selection:
     """What model selection has seen so far (all on the validation split); saved in checkpoints."""
 
     teacher_best: Best | None = None  # best stage-1 epoch
-    student_best: Best | None = None  # best student of stage 2
+    student_best: Best | None = None  # best student of stage 2 (-> student.safetensors)
+    cycle_best: Best | None = None  # best student since the last swap (-> the next teacher)
+    stage1_score: float | None = None  # the teacher with its stage-1 (uniform) fusion weights
     teacher_score: float | None = None  # the current (frozen) teacher's validation score
     swaps: int = 0
     epochs_run: int = 0  # epochs of all phases together (reshuffles the DistributedSampler)
 
     def to_state(self) -> dict:
         """Plain dicts and tensors only, so `torch.load(weights_only=True)` reads it back."""
-        def best(b: Best | None):
-            return None if b is None else {"score": b.score, "epoch": b.epoch, "state": b.state}
-
-        return {"teacher_best": best(self.teacher_best), "student_best": best(self.student_best),
+        return {"teacher_best": _best_state(self.teacher_best), "student_best": _best_state(self.student_best),
+                "cycle_best": _best_state(self.cycle_best), "stage1_score": self.stage1_score,
                 "teacher_score": self.teacher_score, "swaps": self.swaps, "epochs_run": self.epochs_run}
 
     @classmethod
     def from_state(cls, state: dict) -> "Selection":
-        def best(b: dict | None):
-            return None if b is None else Best(b["score"], b["epoch"], b["state"])
-
-        return cls(best(state["teacher_best"]), best(state["student_best"]), state["teacher_score"],
+        return cls(_best_from(state["teacher_best"]), _best_from(state["student_best"]),
+                   _best_from(state["cycle_best"]), state["stage1_score"], state["teacher_score"],
                    state["swaps"], state["epochs_run"])
 
 
@@ -116,7 +145,7 @@ class Pipeline(TrainingRun):
             self.run_dir.mkdir(parents=True, exist_ok=True)
         timer = Timer()
         self.setup_loader()
-        self.teacher = self.new_model(0)
+        self.teacher = self._new_model(0)
         if self.resume:
             self._restore()
         else:
@@ -136,6 +165,18 @@ class Pipeline(TrainingRun):
         self.dist.barrier()  # rank 0's model files are complete before anyone reads them
         return self.finish(self.sel.swaps, timer()) if self.dist.is_main else {}
 
+    def _new_model(self, seed_offset: int) -> MILSegmenter:
+        """`new_model` with the fixed `fusion_weights`, when given."""
+        model = self.new_model(seed_offset)
+        fixed = self.cfg.fixed_fusion_weights()
+        if fixed is not None:
+            if len(fixed) != len(model.fusion_logits):
+                raise IkdmilError(f"--fusion-weights gives {len(fixed)} weights but {self.cfg.backbone!r} has "
+                                  f"{len(model.fusion_logits)} side outputs; give one weight per side")
+            with torch.no_grad():
+                model.fusion_logits.copy_(torch.tensor(fixed).log())
+        return model
+
     def _start(self) -> None:
         if self.phase != "distill":
             return
@@ -148,13 +189,13 @@ class Pipeline(TrainingRun):
     def _restore(self) -> None:
         st = load_checkpoint(self.ckpt_path)
         self.rows = st.get("rows", [])
-        self.restore_rng(st["rng"])
         load_state_checked(self.teacher, st["teacher"], self.ckpt_path)
+        if st.get("student") is not None:  # built before the RNG states are restored: building seeds torch
+            self.student = self._new_model(1)
+            load_state_checked(self.student, st["student"], self.ckpt_path)
+        self.restore_rng(st["rng"])
         self.phase, self.epoch = st["phase"], st["epoch"]
         self.sel = Selection.from_state(st["selection"])
-        if st.get("student") is not None:
-            self.student = self.new_model(1)
-            load_state_checked(self.student, st["student"], self.ckpt_path)
         self.saved = st
         self.info(f"resuming {self.run_dir} at phase {self.phase}, epoch {self.epoch}")
 
@@ -177,6 +218,11 @@ class Pipeline(TrainingRun):
                 "optimizer": self.opt.state_dict() if self.opt is not None else None,
                 "selection": self.sel.to_state()}
 
+    def _end_epoch(self, row: dict, t0: float) -> None:
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        self.log.add(row)
+        self.checkpoint(self._state())
+
     def _enter(self, phase: str) -> None:
         self.phase, self.epoch, self.opt = phase, 0, None
         self.checkpoint(self._state())
@@ -190,94 +236,152 @@ class Pipeline(TrainingRun):
         while self.epoch < cfg.teacher_epochs:
             t0 = time.perf_counter()
             losses = self._next_epoch(step, f"teacher {self.epoch + 1}/{cfg.teacher_epochs}")
-            score = self.val_score(self.teacher)
+            fields = self.validation_fields(self.teacher)
+            score = fields["val_score"]
             self.epoch += 1
             if self.sel.teacher_best is None or score > self.sel.teacher_best.score:
                 self.sel.teacher_best = Best.of(self.teacher, score, self.epoch)
-            self.log.add({"phase": "teacher", "epoch": self.epoch, **losses, "val_teacher": score,
-                          "seconds": round(time.perf_counter() - t0, 3)})
             self.info(f"teacher epoch {self.epoch}/{cfg.teacher_epochs}  loss {losses['loss']:.4f}  val {score:.4f}")
-            self.checkpoint(self._state())
+            self._end_epoch({"phase": "teacher", "epoch": self.epoch, **losses, **fields}, t0)
         if self.sel.teacher_best is not None:  # selection on the validation split
             self.teacher.load_state_dict(self.sel.teacher_best.state)
         self._enter("fusion")
 
     # ----------------------------------------------------------------- fusion-weight fit
     def fusion_phase(self) -> None:
-        """Fit the teacher's fusion weights (network frozen); writes teacher.safetensors."""
+        """Fit the teacher's fusion weights (unless fixed); writes teacher.safetensors."""
+        cfg, teacher, sel = self.cfg, self.teacher, self.sel
+        if cfg.fixed_fusion_weights() is None and cfg.fusion_epochs > 0:
+            self._fit_fusion()
+        if sel.teacher_score is None:
+            sel.teacher_score = self.val_score(teacher)
+        self.save_model_file(teacher, "teacher.safetensors", role="teacher", val_score=sel.teacher_score)
+        self.info(f"teacher: fusion weights {[round(float(v), 3) for v in teacher.fusion_weights.detach()]}, "
+                  f"val {sel.teacher_score:.4f} -> {self.run_dir / 'teacher.safetensors'}")
+        self._enter("distill" if self.last_phase == "distill" else "done")
+
+    def _fit_fusion(self) -> None:
         cfg, teacher = self.cfg, self.teacher
-        self.opt = self._resume_optimizer(fusion_optimizer(teacher, FUSION_LR))
+        if self.sel.stage1_score is None:
+            self.sel.stage1_score = self.val_score(teacher)
+        self.opt = self._resume_optimizer(fusion_optimizer(teacher, cfg.fusion_lr))
         if self.dist.world > 1:  # three scalars: average their gradient across ranks directly
             teacher.fusion_logits.register_hook(all_reduce_mean)
         step = make_fusion_step(teacher, self.opt, self.device, cfg.amp, cfg.teacher_loss)
         while self.epoch < cfg.fusion_epochs:
+            t0 = time.perf_counter()
             losses = self._next_epoch(step, f"fusion {self.epoch + 1}/{cfg.fusion_epochs}")
             self.epoch += 1
             w = [round(float(v), 4) for v in teacher.fusion_weights.detach()]
-            self.log.add({"phase": "fusion", "epoch": self.epoch, **losses, "fusion_weights": " ".join(map(str, w))})
-            self.checkpoint(self._state())
-        self.sel.teacher_score = self.val_score(teacher)
-        self.save_model_file(teacher, "teacher.safetensors", role="teacher", val_score=self.sel.teacher_score)
-        self.info(f"teacher: fusion weights {[round(float(v), 3) for v in teacher.fusion_weights.detach()]}, "
-                  f"val {self.sel.teacher_score:.4f} -> {self.run_dir / 'teacher.safetensors'}")
-        self._enter("distill" if self.last_phase == "distill" else "done")
+            row = {"phase": "fusion", "epoch": self.epoch, **losses, "fusion_weights": " ".join(map(str, w))}
+            if self.epoch == cfg.fusion_epochs:
+                row.update(self._judge_fusion())
+            self._end_epoch(row, t0)
+
+    def _judge_fusion(self) -> dict:
+        """Keep the fitted fusion weights only if they beat the stage-1 (uniform) ones on validation."""
+        teacher, sel = self.teacher, self.sel
+        fields = self.validation_fields(teacher)
+        w = [round(float(v), 3) for v in teacher.fusion_weights.detach()]
+        kept = fields["val_score"] > sel.stage1_score
+        if max(w) > COLLAPSE_WARNING and self.dist.is_main:
+            logger.warning("fusion fit: weight %s > %s, the fused map is nearly one side (%s); lower --fusion-lr "
+                           "or fix --fusion-weights", max(w), COLLAPSE_WARNING,
+                           "kept: it scored better on validation" if kept else "discarded")
+        if not kept:
+            with torch.no_grad():
+                teacher.fusion_logits.zero_()
+        sel.teacher_score = fields["val_score"] if kept else sel.stage1_score
+        self.info(f"fusion fit: weights {w}, val {fields['val_score']:.4f} vs uniform {sel.stage1_score:.4f}: "
+                  f"{'kept' if kept else 'back to uniform'}")
+        return {**fields, "fusion_kept": int(kept)}
 
     # ----------------------------------------------------------------- stage 2: iterative fusion KD
     def distill_phase(self) -> None:
-        """Distil the frozen teacher into the student; swap roles when the student wins on validation."""
+        """Distil the frozen teacher into the student; each cycle's best student may become the teacher."""
         cfg = self.cfg
         freeze(self.teacher)
         if self.sel.teacher_score is None:
             self.sel.teacher_score = self.val_score(self.teacher)
         if self.student is None:
-            self.student = self.new_model(1)
-        self.opt = self._resume_optimizer(student_optimizer(self.student, cfg.lr, cfg.weight_decay))
-        self.targets = None
-        if cfg.teacher_cache:
-            self.targets = TeacherTargets(self.train_arrays.images, self.device, cfg.amp, cfg.batch_size * 2)
-            self.targets.refresh(self.teacher)
+            self.student = self._new_model(1)
+            if not cfg.train_student_fusion:  # the teacher's (fitted or fixed) weights, frozen
+                with torch.no_grad():
+                    self.student.fusion_logits.copy_(self.teacher.fusion_logits)
+        self.opt = self._resume_optimizer(self._student_optimizer())
+        self.targets = self._teacher_targets()
         step = self._cycle_step()
         while self.epoch < cfg.distill_epochs:
             t0 = time.perf_counter()
             losses = self._next_epoch(step, f"distill {self.epoch + 1}/{cfg.distill_epochs}")
             self.epoch += 1
-            row = {"phase": "distill", "epoch": self.epoch, "cycle": self.sel.swaps, **losses}
-            if self.epoch % cfg.swap_every == 0 or self.epoch == cfg.distill_epochs:
-                if self._check_student(row):
-                    step = self._cycle_step()
-            row["seconds"] = round(time.perf_counter() - t0, 3)
-            self.log.add(row)
-            self.checkpoint(self._state())
+            row = {"phase": "distill", "epoch": self.epoch, **losses, "cycle": self.sel.swaps,
+                   "teacher_score": self.sel.teacher_score}
+            if self._validation_due():
+                self._score_student(row)
+            swapped = self._maybe_swap()
+            if swapped:
+                step = self._cycle_step()
+            row["swap"] = int(swapped)
+            self._end_epoch(row, t0)
         if self.sel.student_best is not None:
             self.student.load_state_dict(self.sel.student_best.state)
             self.save_model_file(self.student, "student.safetensors", role="student",
                                  val_score=self.sel.student_best.score)
         self._enter("done")
 
+    def _student_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        return student_optimizer(self.student, cfg.lr, cfg.weight_decay, cfg.train_student_fusion)
+
+    def _teacher_targets(self) -> TeacherTargets:
+        cfg = self.cfg
+        channels = len(self.teacher.side_heads) + 1 if cfg.kd_structure == "block" else 1
+        targets = TeacherTargets(self.train_arrays.images, self.device, cfg.amp, cfg.batch_size * 2,
+                                 views=8 if cfg.augment else 1, channels=channels, mode=cfg.teacher_target,
+                                 cache=cfg.teacher_cache)
+        if cfg.teacher_cache and not targets.cached:
+            self.info("teacher maps do not fit in memory: the teacher runs live in every step")
+        targets.refresh(self.teacher)
+        return targets
+
     def _cycle_step(self) -> Step:
         """The distillation step of a cycle: the student is wrapped (DDP / compile) once per cycle."""
         cfg = self.cfg
         return make_distill_step(self.train_view(self.student), self.teacher, self.opt, self.device, cfg.amp,
-                                 cfg.wce_scale, self.targets)
+                                 cfg.wce_scale, self.targets, cfg.kd_structure)
 
-    def _check_student(self, row: dict) -> bool:
-        """Score the student on validation, keep it if best, swap roles if it beats the teacher.
+    def _validation_due(self) -> bool:
+        cfg, epoch = self.cfg, self.epoch
+        return (epoch % cfg.val_every == 0 or epoch == cfg.distill_epochs
+                or (cfg.swap and epoch % cfg.swap_every == 0))
 
-        Returns whether a swap happened (then a new optimizer and cycle start)."""
+    def _score_student(self, row: dict) -> None:
+        """Score the student on validation; keep it as the best of its cycle and of the run."""
+        fields = self.validation_fields(self.student)
+        row.update(fields)
+        score, sel = fields["val_score"], self.sel
+        best = None
+        if sel.cycle_best is None or score > sel.cycle_best.score:
+            best = sel.cycle_best = Best.of(self.student, score, self.epoch)
+        if sel.student_best is None or score > sel.student_best.score:
+            sel.student_best = best or Best.of(self.student, score, self.epoch)
+        self.info(f"distill epoch {self.epoch}/{self.cfg.distill_epochs}  loss {row['loss']:.4f}  "
+                  f"val teacher {sel.teacher_score:.4f} student {score:.4f}")
+
+    def _maybe_swap(self) -> bool:
+        """At a swap check: the cycle's best student becomes the teacher if it beats it on validation,
+        and the old teacher becomes the student (new optimizer, new cycle). Returns whether it swapped."""
         cfg, sel = self.cfg, self.sel
-        s_score = self.val_score(self.student)
-        row.update(val_teacher=sel.teacher_score, val_student=s_score, swapped=False)
-        if sel.student_best is None or s_score > sel.student_best.score:
-            sel.student_best = Best.of(self.student, s_score, self.epoch)
-        swapped = s_score > sel.teacher_score and self.epoch < cfg.distill_epochs
-        if swapped:
-            swap_roles(self.teacher, self.student)
-            if self.targets is not None:
-                self.targets.refresh(self.teacher)
-            sel.teacher_score = s_score
-            sel.swaps += 1
-            row["swapped"] = True
-            self.opt = student_optimizer(self.student, cfg.lr, cfg.weight_decay)
-        self.info(f"distill epoch {self.epoch}/{cfg.distill_epochs}  loss {row['loss']:.4f}  "
-                  f"val teacher {row['val_teacher']:.4f} student {s_score:.4f}{'  -> swap' if swapped else ''}")
-        return swapped
+        if not (cfg.swap and self.epoch % cfg.swap_every == 0 and self.epoch < cfg.distill_epochs):
+            return False
+        best = sel.cycle_best
+        if best is None or not best.score > sel.teacher_score:
+            return False
+        swap_roles(self.teacher, self.student, new_teacher=best.state)
+        self.targets.refresh(self.teacher)
+        self.info(f"swap: the student of epoch {best.epoch} (val {best.score:.4f}) becomes the teacher "
+                  f"(val {sel.teacher_score:.4f})")
+        sel.teacher_score, sel.swaps, sel.cycle_best = best.score, sel.swaps + 1, None
+        self.opt = self._student_optimizer()
+        return True

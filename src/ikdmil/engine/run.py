@@ -88,8 +88,11 @@ class TrainingRun:
             logger.info(msg)
 
     def new_model(self, seed_offset: int) -> MILSegmenter:
+        """A fresh model (seeded by cfg.seed + seed_offset) with the run's side taps, on the device."""
         torch.manual_seed(self.cfg.seed + seed_offset)
         model, message = create_model(self.cfg.backbone, self.cfg.pretrained)
+        if model.side_taps is not None:  # VGG family; other backbones have fixed side outputs
+            model.set_side_taps(self.cfg.side_taps)
         if seed_offset == 0:
             self.info(f"weights: {message}")
         # channels_last is faster for these convs on both CUDA and CPU (oneDNN): ~1.3x on 2 CPU cores
@@ -139,22 +142,43 @@ class TrainingRun:
         cfg = self.cfg
         if self.val_has_masks:
             summary, _, _ = evaluate_model(model, self.val_arrays, self.device, cfg.eval_sigma, cfg.threshold,
-                                           cfg.batch_size * 2, cfg.amp)
+                                           cfg.batch_size * 2, cfg.amp, distances=False)
             return float(summary["f1"])
         probs = predict_fused(model, self.val_arrays.images, self.device, cfg.batch_size * 2, cfg.amp)
         labels = torch.from_numpy(np.asarray(self.val_arrays.labels))
         fused = torch.from_numpy(probs)[:, None]
         return -float(mil_loss(MILOutput(sides=[], fused=fused), labels))
 
+    def validation_fields(self, model: MILSegmenter) -> dict:
+        """A validation point for metrics.csv: `val_score` (the score selection uses), `val_f1` (when
+        validation has masks) and, with `track_test`, `test_f1`: for the plots only, never selects."""
+        score = self.val_score(model)
+        fields = {"val_f1": score} if self.val_has_masks else {}
+        fields["val_score"] = score
+        if self.cfg.track_test and self.test_arrays is not None:
+            fields["test_f1"] = self.test_f1(model)
+        return fields
+
+    def test_f1(self, model: MILSegmenter) -> float | None:
+        """F1 on the test split, for reporting (`track_test`); model selection never reads it."""
+        cfg = self.cfg
+        summary, _, _ = evaluate_model(model, self.test_arrays, self.device, cfg.eval_sigma, cfg.threshold,
+                                       cfg.batch_size * 2, cfg.amp, distances=False)
+        return summary.get("f1")
+
     # ----------------------------------------------------------------- checkpoints
     def rng_state(self) -> dict:
-        return {"torch": torch.get_rng_state(), "loader": self.loader_gen.get_state(),
+        """Every RNG a resumed run must continue: torch (CPU, and this rank's GPU), loader, augmentation."""
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {"torch": torch.get_rng_state(), "cuda": cuda, "loader": self.loader_gen.get_state(),
                 "aug": self.augment.gen.get_state()}
 
     def restore_rng(self, rng: dict) -> None:
         self.loader_gen.set_state(rng["loader"])
         self.augment.gen.set_state(rng["aug"])
         torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     def checkpoint(self, state: dict) -> None:
         """Write `checkpoint.pt` (state + RNG states + metric rows) atomically, then run the epoch hooks."""

@@ -56,9 +56,7 @@ def make_fusion_step(model: MILSegmenter, opt: torch.optim.Optimizer, device: to
         model.eval()
         with torch.no_grad(), autocast(device, amp):
             sides = [torch.sigmoid(s).float() for s in model.side_logits(x)]
-        w = model.fusion_weights
-        fused = sum(wi * s for wi, s in zip(w, sides))
-        value = loss_fn(MILOutput(sides=[], fused=fused), y)
+        value = loss_fn(MILOutput(sides=[], fused=model.fuse(sides)), y)
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()
