@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ikdmil.losses import dice_loss, fusion_kd_loss, mil_loss, student_loss, weighted_ce
+from ikdmil.losses import KD_STRUCTURES, dice_loss, fusion_kd_loss, kd_loss, mil_loss, student_loss, weighted_ce
 from ikdmil.models.heads import MILOutput
 
 
@@ -91,3 +91,46 @@ def test_student_loss_scale():
     total, parts = student_loss(out, teacher, labels, wce_scale=0.25)
     assert total.item() == pytest.approx(parts["kd"] + 0.25 * parts["wce"], rel=1e-6)
     assert parts["kd"] == pytest.approx(fusion_kd_loss(out, teacher, labels).item())
+
+
+# ---------------------------------------------------------------- KD structures (paper Fig. 2)
+
+
+def _kd_case():
+    t = MILOutput(sides=[m([[1, 0], [0, 0]]), m([[1, 1], [1, 1]])], fused=m([[1, 1], [0, 0]]))
+    s = MILOutput(sides=[m([[1, 0], [0, 0]]), m([[1, 1], [1, 1]])], fused=m([[1, 1], [0, 0]]))
+    return s, t
+
+
+def test_kd_structures_by_hand_on_a_positive():
+    s, t = _kd_case()
+    pos = torch.tensor([1])
+    # output (Fig. 2a): Dice(f, tf): inter 2, sums 2 + 2 -> 1 - 5/5 = 0
+    assert kd_loss(s, t, pos, "output").item() == pytest.approx(0.0)
+    # fusion (IKD): every student map to tf: side 1 1 - 3/4, side 2 1 - 5/7, fused 0
+    assert kd_loss(s, t, pos, "fusion").item() == pytest.approx(0.25 + 2 / 7)
+    assert kd_loss(s, t, pos, "fusion").item() == pytest.approx(fusion_kd_loss(s, t.fused, pos).item())
+    # block (Fig. 2b): side i to teacher side i (both equal) and fused to fused -> 0
+    assert kd_loss(s, t, pos, "block").item() == pytest.approx(0.0)
+
+
+def test_kd_structures_pull_negatives_to_the_zero_mask():
+    s, t = _kd_case()
+    neg = torch.tensor([0])
+    # flipped: fused p' = [[0,0],[1,1]] vs all ones: 1 - 5/7; side 1 p' sum 3: 1 - 7/8; side 2 p' = 0: 1 - 1/5
+    assert kd_loss(s, t, neg, "output").item() == pytest.approx(2 / 7)
+    assert kd_loss(s, t, neg, "block").item() == pytest.approx(1 / 8 + 0.8 + 2 / 7)
+    assert kd_loss(s, t, neg, "fusion").item() == pytest.approx(1 / 8 + 0.8 + 2 / 7)  # teacher ignored
+
+
+def test_student_loss_takes_the_structure_and_keeps_the_wce_on_fused_maps():
+    s, t = _kd_case()
+    pos = torch.tensor([1])
+    for structure in KD_STRUCTURES:
+        total, parts = student_loss(s, t, pos, wce_scale=0.5, structure=structure)
+        assert parts["kd"] == pytest.approx(kd_loss(s, t, pos, structure).item())
+        assert parts["wce"] == pytest.approx(weighted_ce(s.fused, t.fused).item())
+        assert total.item() == pytest.approx(parts["kd"] + 0.5 * parts["wce"], rel=1e-6)
+    assert student_loss(s, t, pos, wce_scale=0.0)[0].item() == pytest.approx(kd_loss(s, t, pos).item())  # no-wce
+    with pytest.raises(ValueError, match="side maps"):
+        kd_loss(s, MILOutput(sides=[], fused=t.fused), pos, "block")

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ikdmil.metrics import binary_f1_iou, hausdorff, patch_scores, smooth_probability, summarize
+from ikdmil.metrics import binary_f1_iou, contour_points, hausdorff, hd_paper, patch_scores, smooth_probability, summarize
 
 
 def _square(shape, r0, r1, c0, c1):
@@ -141,6 +141,79 @@ def test_hausdorff_uses_exact_euclidean_distances():
     assert hausdorff(a, b)[0] == pytest.approx(math.sqrt(2))
 
 
+# ---------------------------------------------------------------- the authors' OpenCV "Hausdorff"
+# Points are (x, y). Expected contours follow OpenCV's Suzuki-Abe tracing by hand: an outer border
+# starts at its first raster pixel and runs down its left side first (a filled rectangle gives
+# top-left, bottom-left, bottom-right, top-right); CHAIN_APPROX_SIMPLE keeps the corners; contours
+# come in reverse order of discovery.
+
+
+def test_contour_of_a_filled_square():
+    m = _square((5, 5), 1, 4, 1, 4)
+    assert contour_points(m).tolist() == [[1, 1], [1, 3], [3, 3], [3, 1]]
+
+
+def test_contours_of_a_ring_come_hole_first():
+    # 5x5 square with its centre (3,3) cleared: the hole border, the 4 pixels around the centre, is
+    # found after the outer one (row 3 vs row 1) and so comes first; it starts left of the hole at
+    # (2,3) and runs (3,2), (4,3), (3,4).
+    m = _square((7, 7), 1, 6, 1, 6)
+    m[3, 3] = False
+    assert contour_points(m).tolist() == [[2, 3], [3, 2], [4, 3], [3, 4], [1, 1], [1, 5], [5, 5], [5, 1]]
+
+
+def test_contours_of_a_line_and_a_pixel_and_of_nothing():
+    m = np.zeros((6, 6), bool)
+    m[1, 1] = True  # found first (row 1), listed last
+    m[4, 2:5] = True  # a horizontal line: its two end points
+    assert contour_points(m).tolist() == [[2, 4], [4, 4], [1, 1]]
+    assert contour_points(np.zeros((4, 4), bool)).tolist() == [[0, 0]]  # empty -> the point (0, 0)
+    assert contour_points(np.eye(4, dtype=bool)).tolist() == [[0, 0], [3, 3]]
+    assert contour_points(np.ones((3, 4), bool)).tolist() == [[0, 0], [0, 2], [3, 2], [3, 0]]
+
+
+def test_hd_paper_takes_the_point_at_rank_0_6_not_the_maximum():
+    # pred: one pixel (1,1). truth: square x,y 1..3, points (1,1),(1,3),(3,3),(3,1).
+    # pred->truth: n = 1, index 0: (1,1) -> 0. truth->pred: n = 4, index int(0.6 * 3) = 1: (1,3) -> 2.
+    # So 2, while the Hausdorff distance is 2*sqrt(2) (the corner (3,3)).
+    pred = np.zeros((6, 6), bool)
+    pred[1, 1] = True
+    truth = _square((6, 6), 1, 4, 1, 4)
+    assert hd_paper(pred, truth) == 2.0
+    assert hausdorff(pred, truth)[0] == pytest.approx(2 * math.sqrt(2))
+
+
+def test_hd_paper_depends_on_the_orientation():
+    # a: x 1..3, y 1..3 -> (1,1),(1,3),(3,3),(3,1); b: x 1..8, y 1..3 -> (1,1),(1,3),(8,3),(8,1).
+    # index 1 of each is (1,3), a point of the other: 0. Rotated by 180 degrees (x, y -> 9 - x, 9 - y):
+    # a' corners (6,6),(6,8),(8,8),(8,6), b' (1,6),(1,8),(8,8),(8,6); a'[1] = (6,8) -> (8,8): 2;
+    # b'[1] = (1,8) -> (6,8): 5. The Hausdorff distance is 5 both ways.
+    a = _square((10, 10), 1, 4, 1, 4)
+    b = _square((10, 10), 1, 4, 1, 9)
+    assert hd_paper(a, b) == 0.0
+    assert hd_paper(a[::-1, ::-1], b[::-1, ::-1]) == 5.0
+    assert hausdorff(a, b)[0] == hausdorff(a[::-1, ::-1], b[::-1, ::-1])[0] == pytest.approx(5.0)
+
+
+def test_hd_paper_empty_masks_use_the_point_0_0():
+    # empty pred -> (0,0). pred->truth: (0,0) -> (1,1): sqrt 2. truth->pred: index 1 (1,3) -> sqrt 10.
+    z = np.zeros((6, 6), bool)
+    truth = _square((6, 6), 1, 4, 1, 4)
+    assert hd_paper(z, truth) == pytest.approx(math.sqrt(10), rel=1e-7)
+    assert hd_paper(z, z) == 0.0
+
+
+def test_patch_scores_report_hd_paper_beside_hd():
+    truth = _square((10, 10), 2, 6, 2, 6)
+    pred = _square((10, 10), 2, 6, 4, 8)
+    s = patch_scores(pred, truth, 1)
+    # pred (4,2),(4,5),(7,5),(7,2), truth (2,2),(2,5),(5,5),(5,2): index 1 -> (4,5) vs (5,5): 1, (2,5) vs (4,5): 2
+    assert s["hd_paper"] == 2.0 and s["hd"] == pytest.approx(2.0)
+    assert patch_scores(pred, None, 0)["hd_paper"] is None
+    fast = patch_scores(pred, truth, 1, distances=False)
+    assert fast["f1"] == s["f1"] and fast["hd"] is None and fast["hd_paper"] is None
+
+
 # ---------------------------------------------------------------- smoothing
 
 
@@ -235,9 +308,9 @@ def test_patch_scores_argument_errors():
 
 def test_summarize_mixed_list():
     scores = [
-        {"f1": 0.5, "iou": 1 / 3, "hd": 2.0, "hd95": 2.0, "label": 1},
-        {"f1": 1.0, "iou": 1.0, "hd": 0.0, "hd95": 0.0, "label": 1},
-        {"f1": 38 / 39, "iou": 0.95, "hd": None, "hd95": None, "label": 0},
+        {"f1": 0.5, "iou": 1 / 3, "hd": 2.0, "hd95": 2.0, "hd_paper": 1.0, "label": 1},
+        {"f1": 1.0, "iou": 1.0, "hd": 0.0, "hd95": 0.0, "hd_paper": 0.0, "label": 1},
+        {"f1": 38 / 39, "iou": 0.95, "hd": None, "hd95": None, "hd_paper": None, "label": 0},
     ]
     s = summarize(scores)
     assert (s["n"], s["n_pos"], s["n_neg"]) == (3, 2, 1)
@@ -249,6 +322,7 @@ def test_summarize_mixed_list():
     assert s["iou_neg"] == pytest.approx(0.95)
     assert s["hd"] == pytest.approx(1.0)
     assert s["hd95"] == pytest.approx(1.0)
+    assert s["hd_paper"] == pytest.approx(0.5)
     assert all(isinstance(v, (int, float)) for v in s.values())
 
 

@@ -366,6 +366,15 @@ def check_output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
 
 
 # ----------------------------------------------------------------- the settings
+def _weights_ok(text: str) -> bool:
+    if not text.strip():
+        return True
+    try:
+        return all(float(v) > 0 for v in text.split(","))
+    except ValueError:
+        return False
+
+
 @dataclass
 class RunConfig:
     """Defaults are the paper's (Adam, lr 5e-5, weight decay 5e-4, batch 16, input 256, 30 teacher
@@ -399,13 +408,51 @@ class RunConfig:
     loader: str = "auto"  # auto (GPU-resident when it fits, else DataLoader) | memory | workers
     cache_dir: str = ""  # preprocessing cache ("" = $IKDMIL_CACHE or ~/.cache/ikdmil)
 
+    # ---- method fixes and experiment knobs (issue 9). Note on weight_decay: our losses are batch
+    # means, the authors' batch sums with wd 5e-5, so 5e-4 here is 10 x batch_size times stronger;
+    # 5e-5 / batch_size reproduces theirs (see losses.py).
+    # Adam lr of the fusion-weight fit (1e-4: weights stay < 0.9 over the paper's ~6,500 steps; 1e-2 collapsed)
+    fusion_lr: float = 1e-4
+    # fixed fusion weights, e.g. "0.3,0.3,0.4" (the authors'; normalised to sum 1): no fusion fit, used in both stages
+    fusion_weights: str = ""
+    # train the student's fusion weights in stage 2 (default off: they copy the teacher's, as the paper fixes them)
+    train_student_fusion: bool = False
+    val_every: int = 1  # score the student on validation every N stage-2 epochs (each cycle's best becomes teacher)
+    # also score the test split at every validation point (metrics.csv test_f1); reporting only, never selects
+    track_test: bool = False
+    # stage-2 target: view = teacher(augmented image) exactly (cached per dihedral view when it fits, else live)
+    # | mean8 = the teacher's map averaged over the 8 dihedral views
+    teacher_target: str = "view"
+    # VGG-family side outputs: post-pool = after each block's max-pool, strides 2/4/8 (the authors') | pre-pool =
+    # before it, strides 1/2/4; other backbones have fixed sides and ignore it
+    side_taps: str = "post-pool"
+    # stage-2 KD: fusion = every student map <- teacher fused (IKD) | output = student fused <- teacher fused
+    # (Fig. 2a) | block = student side i <- teacher side i, fused <- fused (Fig. 2b)
+    kd_structure: str = "fusion"
+    swap: bool = True  # swap teacher and student when the student wins on validation (off: the no-swap ablation)
+
     def validate(self) -> "RunConfig":
-        from ikdmil.losses import TEACHER_LOSSES  # the losses own the names; torch is loaded lazily
+        from ikdmil.losses import KD_STRUCTURES, TEACHER_LOSSES  # the losses own the names; torch loads lazily
 
         check_settings(self)
-        if self.teacher_loss not in TEACHER_LOSSES:
-            raise IkdmilError(f"--teacher-loss must be one of {', '.join(TEACHER_LOSSES)} (got {self.teacher_loss!r})")
+        checks = [
+            (self.teacher_loss in TEACHER_LOSSES,
+             f"--teacher-loss must be one of {', '.join(TEACHER_LOSSES)} (got {self.teacher_loss!r})"),
+            (_weights_ok(self.fusion_weights),
+             f"--fusion-weights {self.fusion_weights!r}: give positive numbers separated by commas, e.g. 0.3,0.3,0.4"),
+            (self.kd_structure in KD_STRUCTURES, f"--kd-structure must be one of {', '.join(KD_STRUCTURES)}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise IkdmilError(msg)
         return self
+
+    def fixed_fusion_weights(self) -> list[float] | None:
+        """`fusion_weights` as numbers summing to 1, or None when the fusion fit chooses them."""
+        if not self.fusion_weights.strip():
+            return None
+        w = [float(v) for v in self.fusion_weights.split(",")]
+        return [v / sum(w) for v in w]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -454,6 +501,22 @@ class RunConfig:
         "loader": Opt("auto: keep the training set on the GPU as uint8 when it fits, else a DataLoader; "
                       "memory | workers force one", choices=("auto", "memory", "workers")),
         "cache_dir": Opt("preprocessing cache folder (default $IKDMIL_CACHE or ~/.cache/ikdmil)"),
+        "fusion_lr": Opt("Adam lr of the fusion-weight fit (1e-2 collapses onto the deepest side over the paper's "
+                         "~6,500 steps; 1e-4 keeps every weight below 0.9)", above=0),
+        "fusion_weights": Opt("fixed fusion weights, e.g. 0.3,0.3,0.4 (the authors' code): no fusion fit ('' = fit "
+                              "them, kept only if they beat uniform weights on validation)"),
+        "train_student_fusion": Opt("train the student's fusion weights in stage 2 (default: they stay the teacher's)"),
+        "val_every": Opt("score the student on validation every N distillation epochs; each cycle's best becomes "
+                         "the teacher at a swap", min=1),
+        "track_test": Opt("also score the test split at each validation point (metrics.csv test_f1, for plots); "
+                          "never used to choose anything"),
+        "teacher_target": Opt("stage-2 target: view = the teacher's map of the augmented image (exact) | mean8 = "
+                              "its map averaged over the 8 flips/rotations", choices=("view", "mean8")),
+        "side_taps": Opt("VGG side outputs: post-pool = after each block's max-pool, strides 2/4/8 (the authors') | "
+                         "pre-pool = before it, strides 1/2/4", choices=("pre-pool", "post-pool")),
+        "kd_structure": Opt("stage-2 KD: fusion = every student map <- teacher fused (IKD) | output = fused <- fused "
+                            "only | block = side i <- side i and fused <- fused", choices=("fusion", "output", "block")),
+        "swap": Opt("swap teacher and student when the student wins on validation (--no-swap: the ablation)"),
     }
 
 

@@ -6,7 +6,10 @@
 - `mil_loss` (stage 1): target all-ones on positives, all-zeros on negatives; Dice on the fused map
   plus every side map.
 - `fusion_kd_loss` (stage 2): every student map (sides and fusion) pulled to the *teacher's fused
-  map* on positives, to the zero mask on negatives.
+  map* on positives, to the zero mask on negatives. `kd_loss` names the KD structures of the
+  paper's Fig. 2 (`RunConfig.kd_structure`): "fusion" (this one, IKD), "output" (Fig. 2a: only the
+  student's fused map, to the teacher's fused map) and "block" (Fig. 2b: student side i to teacher
+  side i, fused to fused); negatives always go to the zero mask.
 - `weighted_ce`: cross-entropy between teacher fusion (soft target) and student fusion, with
   per-image pixel weights `softmax(-ce)` (computed without gradient) so that easy pixels count
   more and the teacher's noise is not amplified.
@@ -15,6 +18,12 @@
   image score by the generalised mean `(mean p^r)^(1/r)`, r = 4 (between mean and max pooling: a few
   confident pixels make a positive bag), then binary cross-entropy against the image label; summed
   over the fused map and every side map. `TEACHER_LOSSES` names the stage-1 losses.
+
+Scale and weight decay: every loss is a *mean* over the batch (and a sum over maps). The authors'
+code sums over the batch and uses weight decay 5e-5; ours is 5e-4 on means. Adam's step does not
+depend on the scale of the loss, but the L2 term of Adam's weight decay is added to the gradient,
+so its relative strength is (5e-4 / 1) / (5e-5 / B) = 10 * B: 160x the authors' at batch 16. A
+weight decay of 5e-5 / B (3.1e-6 at batch 16) reproduces theirs; the experiment suite has that row.
 """
 
 from __future__ import annotations
@@ -86,10 +95,32 @@ def teacher_loss(name: str) -> Callable[[MILOutput, torch.Tensor], torch.Tensor]
         raise IkdmilError(f"--teacher-loss {name!r}: choose one of {', '.join(TEACHER_LOSSES)}") from None
 
 
-def fusion_kd_loss(student: MILOutput, teacher_fused: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _kd_target(teacher_map: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The teacher's map on positives, the zero mask on negatives."""
     pos = (labels == 1).view(-1, 1, 1, 1)
-    target = torch.where(pos, teacher_fused.float(), torch.zeros((), device=teacher_fused.device))
+    return torch.where(pos, teacher_map.float(), torch.zeros((), device=teacher_map.device))
+
+
+def fusion_kd_loss(student: MILOutput, teacher_fused: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    target = _kd_target(teacher_fused, labels)
     return sum(dice_loss(m, target, labels) for m in student.all_maps())
+
+
+KD_STRUCTURES = ("fusion", "output", "block")
+
+
+def kd_loss(student: MILOutput, teacher: MILOutput, labels: torch.Tensor, structure: str = "fusion") -> torch.Tensor:
+    """The stage-2 KD term for `structure` (see the module docstring); "block" needs teacher.sides."""
+    if structure == "fusion":
+        return fusion_kd_loss(student, teacher.fused, labels)
+    if structure == "output":
+        return dice_loss(student.fused, _kd_target(teacher.fused, labels), labels)
+    if structure == "block":
+        if len(teacher.sides) != len(student.sides):
+            raise ValueError(f"block KD needs the teacher's {len(student.sides)} side maps, got {len(teacher.sides)}")
+        pairs = zip(student.all_maps(), teacher.all_maps())
+        return sum(dice_loss(s, _kd_target(t, labels), labels) for s, t in pairs)
+    raise IkdmilError(f"--kd-structure {structure!r}: choose one of {', '.join(KD_STRUCTURES)}")
 
 
 def weighted_ce(student_fused: torch.Tensor, teacher_fused: torch.Tensor) -> torch.Tensor:
@@ -102,9 +133,16 @@ def weighted_ce(student_fused: torch.Tensor, teacher_fused: torch.Tensor) -> tor
 
 
 def student_loss(
-    student: MILOutput, teacher_fused: torch.Tensor, labels: torch.Tensor, wce_scale: float = 0.25
+    student: MILOutput,
+    teacher: MILOutput | torch.Tensor,
+    labels: torch.Tensor,
+    wce_scale: float = 0.25,
+    structure: str = "fusion",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    kd = fusion_kd_loss(student, teacher_fused, labels)
-    wce = weighted_ce(student.fused, teacher_fused)
+    """L_s = L_kd(structure) + a * L_wce(teacher fused -> student fused); `teacher` may be the fused map."""
+    if isinstance(teacher, torch.Tensor):
+        teacher = MILOutput(sides=[], fused=teacher)
+    kd = kd_loss(student, teacher, labels, structure)
+    wce = weighted_ce(student.fused, teacher.fused)
     total = kd + wce_scale * wce
     return total, {"kd": float(kd.detach()), "wce": float(wce.detach())}

@@ -26,10 +26,23 @@ Rules
 * Hausdorff edge cases: both masks empty -> ``0.0`` for both; exactly one empty -> the image
   diagonal ``sqrt((H-1)**2 + (W-1)**2)`` for both, i.e. the largest distance two pixels of an
   ``H x W`` image can have (the worst possible score at that resolution).
+* ``hd_paper`` (positive patches only) reproduces the IKD-MIL authors' evaluation, which is *not* a
+  Hausdorff distance; only it is comparable with the paper's HD column. They take the points of
+  ``cv2.findContours(mask, RETR_LIST, CHAIN_APPROX_SIMPLE)`` (every outer and hole border, the
+  contours concatenated in OpenCV's order: the reverse of their raster-scan discovery; each border
+  traced from its first raster pixel, only its corner points kept), an empty mask replaced by the
+  single point (0, 0), and call OpenCV's ``createHausdorffDistanceExtractor().computeDistance``.
+  Because of a sort in OpenCV that does nothing (``SORT_EVERY_ROW`` on a one-column matrix), that
+  extractor returns, for each direction, the nearest-neighbour distance of the contour point at
+  index ``int(0.6 * (n - 1))`` of the first set, and keeps the larger of the two directions. It
+  depends on the orientation of the image (rotate both masks and it changes). :func:`contour_points`
+  and :func:`hd_paper` re-implement that exactly in numpy (OpenCV is not a dependency).
+* ``patch_scores(..., distances=False)`` skips ``hd, hd95, hd_paper`` (``None``), e.g. for
+  validation scoring, where only F1 is used.
 * :func:`summarize` returns ``n, n_pos, n_neg``; ``f1, iou`` (means over all patches);
   ``f1_pos, iou_pos, f1_neg, iou_neg`` (means over the patches of that label, ``None`` when there
-  are none); ``hd, hd95`` (means over positive patches, ``None`` when there are none). All values
-  are plain Python ``int`` / ``float`` / ``None`` (JSON-serialisable).
+  are none); ``hd, hd95, hd_paper`` (means over the positive patches that have them, ``None`` when
+  there are none). All values are plain Python ``int`` / ``float`` / ``None`` (JSON-serialisable).
 """
 
 from __future__ import annotations
@@ -44,6 +57,8 @@ __all__ = [
     "smooth_probability",
     "binary_f1_iou",
     "hausdorff",
+    "contour_points",
+    "hd_paper",
     "patch_scores",
     "summarize",
 ]
@@ -137,12 +152,107 @@ def hausdorff(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return hd, hd95
 
 
-def patch_scores(pred: np.ndarray, truth: np.ndarray | None, label: int) -> dict:
-    """Scores of one patch: ``{"f1", "iou", "hd", "hd95", "label"}``.
+# ---------------------------------------------------------------- the authors' "Hausdorff" (OpenCV)
+
+# OpenCV chain-code directions 0..7: E, NE, N, NW, W, SW, S, SE (x right, y down)
+_DX = (1, 1, 0, -1, -1, -1, 0, 1)
+_DY = (0, -1, -1, -1, 0, 1, 1, 1)
+_RIGHT = -126  # OpenCV's mark of a traced pixel whose east neighbour is background (schar 2 | 0x80)
+_RANK = float(np.float32(0.6))  # the extractor's default rank proportion, a C float widened to double
+
+
+def _trace(img: list[int], width: int, i0: int, x: int, y: int, hole: bool) -> list[tuple[int, int]]:
+    """One border from flat index i0 (point x, y), as OpenCV's icvFetchContourEx with
+    CHAIN_APPROX_SIMPLE: Suzuki-Abe following, a point kept where the chain direction changes."""
+    deltas = [_DX[s] + _DY[s] * width for s in range(8)]
+    s = s_end = 0 if hole else 4
+    while True:  # clockwise search for the last pixel of the border
+        s = (s - 1) & 7
+        i1 = i0 + deltas[s]
+        if img[i1] != 0 or s == s_end:
+            break
+    if s == s_end:  # a single-pixel component
+        img[i0] = _RIGHT
+        return [(x, y)]
+    points, i3, prev_s = [], i0, s ^ 4
+    while True:
+        s_end = s
+        while True:  # counter-clockwise search for the next border pixel
+            s += 1
+            i4 = i3 + deltas[s & 7]
+            if img[i4] != 0:
+                break
+        s &= 7
+        if 1 <= s <= s_end:  # the east neighbour was examined and is background
+            img[i3] = _RIGHT
+        elif img[i3] == 1:
+            img[i3] = 2
+        if s != prev_s:
+            points.append((x, y))
+            prev_s = s
+        x, y = x + _DX[s], y + _DY[s]
+        if i4 == i0 and i3 == i1:
+            return points
+        i3 = i4
+        s = (s + 4) & 7
+
+
+def contour_points(mask: np.ndarray) -> np.ndarray:
+    """The (x, y) points of ``cv2.findContours(mask, RETR_LIST, CHAIN_APPROX_SIMPLE)``, every
+    contour concatenated in OpenCV's order, as an (n, 2) int array; an empty mask gives [[0, 0]].
+
+    The image is framed by background (OpenCV pads by one pixel) and scanned in raster order; a
+    border starts at a 0 -> 1 step (outer) or at a 1 -> 0 step whose left pixel is not marked as a
+    traced right end (hole). Only steps between background and foreground can start one, so those
+    are found with numpy and only the borders are followed in Python.
+    """
+    m = _as_bool(mask, "mask")
+    if m.ndim != 2:
+        raise ValueError(f"expected an HxW mask, got shape {m.shape}")
+    h, w = m.shape
+    padded = np.zeros((h + 2, w + 2), np.int8)
+    padded[1:-1, 1:-1] = m
+    img = padded.ravel().tolist()
+    width = w + 2
+    steps = m != np.pad(m, ((0, 0), (1, 0)))[:, :-1]  # differs from its left neighbour
+    contours = []
+    for r, c in zip(*np.nonzero(steps)):
+        y, x = int(r) + 1, int(c) + 1  # padded coordinates
+        i = y * width + x
+        prev, p = img[i - 1], img[i]
+        if prev == 0 and p == 1:
+            contours.append(_trace(img, width, i, x - 1, y - 1, hole=False))
+        elif p == 0 and prev >= 1:
+            contours.append(_trace(img, width, i - 1, x - 2, y - 1, hole=True))
+    contours.reverse()  # each new contour is prepended to its parent's list
+    points = [pt for contour in contours for pt in contour]
+    return np.asarray(points or [(0, 0)], dtype=np.int64).reshape(-1, 2)
+
+
+def _ranked_nearest(a: np.ndarray, b: np.ndarray) -> np.float32:
+    """OpenCV's directed term: the float32 nearest distance in b of a's point int(0.6 (n - 1))."""
+    k = int(_RANK * (len(a) - 1))
+    d = (b - a[k]).astype(np.float64)
+    return np.sqrt(d[:, 0] ** 2 + d[:, 1] ** 2).astype(np.float32).min()
+
+
+def hd_paper(pred: np.ndarray, truth: np.ndarray) -> float:
+    """The authors' HD (see the module docstring): OpenCV's Hausdorff extractor on the contour
+    points of both masks. In pixels; not a Hausdorff distance; orientation-dependent."""
+    pred, truth = _check_pair(pred, truth)
+    a, b = contour_points(pred), contour_points(truth)
+    return float(max(_ranked_nearest(a, b), _ranked_nearest(b, a)))
+
+
+# ---------------------------------------------------------------- per patch, summary
+
+
+def patch_scores(pred: np.ndarray, truth: np.ndarray | None, label: int, distances: bool = True) -> dict:
+    """Scores of one patch: ``{"f1", "iou", "hd", "hd95", "hd_paper", "label"}``.
 
     ``pred`` is the thresholded boolean prediction (True = tumour). For ``label == 1`` a ``truth``
     mask of the same shape is required; for ``label == 0`` ``truth`` is ignored (the truth is all
-    background) and ``hd`` / ``hd95`` are ``None``.
+    background) and the distances are ``None``; ``distances=False`` skips them on positives too.
     """
     label = int(label)
     if label not in (0, 1):
@@ -150,17 +260,19 @@ def patch_scores(pred: np.ndarray, truth: np.ndarray | None, label: int) -> dict
     pred = _as_bool(pred, "pred")
     if label == 0:
         f1, iou = binary_f1_iou(~pred, np.ones_like(pred))
-        return {"f1": f1, "iou": iou, "hd": None, "hd95": None, "label": 0}
+        return {"f1": f1, "iou": iou, "hd": None, "hd95": None, "hd_paper": None, "label": 0}
     if truth is None:
         raise ValueError("a positive patch (label 1) needs a ground-truth mask")
     pred, truth = _check_pair(pred, truth)
     f1, iou = binary_f1_iou(pred, truth)
+    if not distances:
+        return {"f1": f1, "iou": iou, "hd": None, "hd95": None, "hd_paper": None, "label": 1}
     hd, hd95 = hausdorff(pred, truth)
-    return {"f1": f1, "iou": iou, "hd": hd, "hd95": hd95, "label": 1}
+    return {"f1": f1, "iou": iou, "hd": hd, "hd95": hd95, "hd_paper": hd_paper(pred, truth), "label": 1}
 
 
-def _mean(values: Iterable[float]) -> float | None:
-    values = list(values)
+def _mean(values: Iterable[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
 
 
@@ -183,4 +295,5 @@ def summarize(scores: list[dict]) -> dict:
         "iou_neg": _mean(s["iou"] for s in neg),
         "hd": _mean(s["hd"] for s in pos),
         "hd95": _mean(s["hd95"] for s in pos),
+        "hd_paper": _mean(s.get("hd_paper") for s in pos),
     }

@@ -192,23 +192,28 @@ def test_cached_teacher_gives_the_live_teacher_loss():
         assert torch.allclose(g_live[n], g_cached[n], rtol=2e-2, atol=1e-5), n
 
 
-def test_cached_targets_follow_the_image_augmentation():
+def test_cached_targets_are_the_live_teacher_on_the_augmented_images():
+    """The cache must give teacher(aug(x)), what the live teacher gives, not aug(teacher(x))."""
     from ikdmil.engine.distill import TeacherTargets
     from ikdmil.engine.loop import BatchMeta, dihedral
 
     teacher, _ = _models()
     freeze(teacher)
     images = _images(n=8)
-    targets = TeacherTargets(images, torch.device("cpu"), amp=False, batch_size=3)
+    targets = TeacherTargets(images, torch.device("cpu"), amp=False, batch_size=3, views=8)
     targets.refresh(teacher)
     index = torch.tensor([5, 0, 7, 2, 1, 3, 6, 4])
     ops = torch.arange(8)  # every flip/rotation once
+    x = dihedral(torch.from_numpy(images).permute(0, 3, 1, 2)[index], ops)
     with torch.no_grad():
+        live = teacher(x).fused
         plain = teacher(torch.from_numpy(images).permute(0, 3, 1, 2)).fused
-    expected = dihedral(plain[index], ops)
-    got = targets(BatchMeta(index, ops))
-    assert torch.allclose(got, expected, atol=1e-3)
-    assert not torch.allclose(got, plain[index], atol=1e-3)  # the ops really transformed the maps
+    first = targets(x, BatchMeta(index, ops))
+    assert bool(targets.known[index, ops].all())
+    again = targets(x, BatchMeta(index, ops))  # now read from the cache
+    assert torch.allclose(first, live, atol=1e-3)  # float16 storage
+    assert torch.equal(first, again)
+    assert not torch.allclose(live, dihedral(plain[index], ops), atol=1e-3)  # what the old cache returned
 
 
 def test_fast_path_matches_the_plain_path():

@@ -39,8 +39,10 @@ def predict_fused(model, images: np.ndarray, device: torch.device, batch_size: i
     return out
 
 
-def score_predictions(probs: np.ndarray, arrays: CachedArrays, sigma: float, threshold: float) -> tuple[dict, list[dict]]:
-    """Per-patch scores and their summary. Positives without a mask get no pixel score."""
+def score_predictions(probs: np.ndarray, arrays: CachedArrays, sigma: float, threshold: float,
+                      distances: bool = True) -> tuple[dict, list[dict]]:
+    """Per-patch scores and their summary. Positives without a mask get no pixel score;
+    `distances=False` skips the Hausdorff distances (validation only needs F1)."""
     scores = []
     for i, prob in enumerate(probs):
         if not arrays.has_mask[i]:
@@ -48,17 +50,19 @@ def score_predictions(probs: np.ndarray, arrays: CachedArrays, sigma: float, thr
         pred = smooth_probability(prob, sigma) >= threshold
         label = int(arrays.labels[i])
         truth = np.asarray(arrays.masks[i]) if label == 1 else None
-        s = patch_scores(pred, truth, label)
+        s = patch_scores(pred, truth, label, distances)
         s["index"] = i
         scores.append(s)
     summary = summarize(scores) if scores else {"n": 0}
     return summary, scores
 
 
-def evaluate_model(model, arrays: CachedArrays, device: torch.device, sigma: float, threshold: float,
-                   batch_size: int = 32, amp: bool = True, progress: bool = False, desc: str = "evaluating"):
+def evaluate_model(model: torch.nn.Module, arrays: CachedArrays, device: torch.device, sigma: float,
+                   threshold: float, batch_size: int = 32, amp: bool = True, progress: bool = False,
+                   desc: str = "evaluating", distances: bool = True) -> tuple[dict, list[dict], np.ndarray]:
+    """(summary, per-patch scores, fused probabilities) of `model` on a split."""
     probs = predict_fused(model, arrays.images, device, batch_size, amp, progress, desc)
-    summary, scores = score_predictions(probs, arrays, sigma, threshold)
+    summary, scores = score_predictions(probs, arrays, sigma, threshold, distances)
     return summary, scores, probs
 
 

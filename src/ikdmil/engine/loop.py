@@ -34,6 +34,18 @@ def dihedral(x: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def dihedral_inverse(y: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
+    """Undo `dihedral`: dihedral_inverse(dihedral(x, ops), ops) == x."""
+    out = y.clone()
+    for op in range(1, 8):
+        sel = (ops == op).nonzero(as_tuple=True)[0]
+        if sel.numel() == 0:
+            continue
+        x = torch.rot90(y[sel], k=-(op & 3), dims=(-2, -1))
+        out[sel] = x.flip(-1) if op & 4 else x
+    return out
+
+
 class Augmenter:
     """Random dihedral augmentation from its own seeded generator (so resume reproduces it)."""
 
@@ -56,6 +68,10 @@ class BatchMeta:
 
     index: torch.Tensor
     ops: torch.Tensor | None
+
+
+#: a training step: (images, labels, batch meta) -> its losses; it does forward, backward and update
+Step = Callable[[torch.Tensor, torch.Tensor, BatchMeta | None], dict[str, float]]
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int, device: torch.device,
@@ -125,7 +141,7 @@ def set_loader_epoch(loader, epoch: int) -> None:
 
 
 def run_epoch(
-    step: Callable[..., dict[str, float]],
+    step: Step,
     loader,
     device: torch.device,
     augment: Augmenter,
@@ -155,6 +171,10 @@ def run_epoch(
     return {k: v / max(n, 1) for k, v in totals.items()}
 
 
+#: metrics.csv columns that come first, in this order, when any row has them (others follow as they appear)
+LEADING_COLUMNS = ("phase", "epoch", "loss", "val_f1", "val_score", "test_f1", "swap")
+
+
 class MetricsLog:
     """Per-epoch rows in metrics.csv (rewritten atomically) and, if installed, TensorBoard."""
 
@@ -176,9 +196,10 @@ class MetricsLog:
         self.rows.append(row)
         if not self.write:
             return
-        keys: list[str] = []
+        seen: list[str] = []
         for r in self.rows:
-            keys += [k for k in r if k not in keys]
+            seen += [k for k in r if k not in seen]
+        keys = [k for k in LEADING_COLUMNS if k in seen] + [k for k in seen if k not in LEADING_COLUMNS]
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
         w.writeheader()

@@ -1,332 +1,387 @@
-"""The whole training run as resumable phases: teacher -> fusion -> distill -> done.
+"""IKD-MIL as resumable phases: teacher -> fusion -> distill -> done.
 
 After every epoch the run directory holds `checkpoint.pt` (everything needed to continue: models,
-optimizer, RNG states, selection state, metric rows), written atomically, so `--resume` after an
-interruption continues exactly where it stopped. Model selection uses the validation split only.
+optimizer, RNG states, the `Selection`, metric rows), written atomically, so `--resume` after an
+interruption continues exactly where it stopped. Model selection uses the validation split only;
+`track_test` adds test F1 to metrics.csv for the plots and changes no decision.
+
+Choices that differ from a literal reading of the paper, and why:
+- Fusion fit: Adam at `fusion_lr` 1e-4 (Adam moves a logit by about lr per step, so 6,500 steps move
+  it by at most ~0.65 and no weight can pass ~0.65; at 1e-2 the weights collapsed onto the deepest
+  side, (0.008, 0.006, 0.986) after 800 steps). The fitted weights are kept only when they beat the
+  stage-1 (uniform) weights on validation; a weight above 0.9 is warned about. `fusion_weights`
+  fixes them instead (the authors' code: 0.3, 0.3, 0.4).
+- Stage 2: the student's fusion weights copy the teacher's and stay frozen (the paper fixes them
+  after the separate fit; trained at the network's lr they drift over stage 2's far longer schedule);
+  `train_student_fusion` trains them.
+- Validation every `val_every` epochs; at a swap check (every `swap_every` epochs) the *best*
+  student of the cycle, not the last, becomes the teacher, and the old teacher becomes the student.
+- Teacher targets are exactly the live teacher's on the augmented batch (see `TeacherTargets`).
+
+metrics.csv columns: `phase` (teacher / fusion / distill), `epoch`, `loss`, `val_f1` (absent when
+validation has no masks), `val_score` (the selection score), `test_f1` (only with `track_test`),
+`swap` (stage 2: 1 when a swap happened after the epoch, else 0), then `kd`, `wce`, `cycle` (swaps
+before the epoch), `teacher_score` (the frozen teacher's val_score), `fusion_weights`, `fusion_kept`
+(1 when the fitted weights beat uniform), `seconds`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import platform
+import logging
 import time
-from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from ikdmil import __version__
 from ikdmil.config import RunConfig
-from ikdmil.data.dataset import PatchDataset, build_cache
-from ikdmil.io import write_text
-from ikdmil.data.manifest import load_samples, select_split
+from ikdmil.device import all_reduce_mean
 from ikdmil.engine.distill import TeacherTargets, freeze, make_distill_step, student_optimizer, swap_roles
-from ikdmil.engine.evaluate import evaluate_model, predict_fused
-from ikdmil.engine.loop import Augmenter, MetricsLog, Timer, load_checkpoint, MemoryLoader, make_loader, run_epoch, save_checkpoint, set_loader_epoch
-from ikdmil.device import all_reduce_mean, fits_on_device, setup_distributed
+from ikdmil.engine.loop import Step, Timer, load_checkpoint, run_epoch
+from ikdmil.engine.run import TrainingRun
 from ikdmil.engine.teacher import fusion_optimizer, make_fusion_step, make_teacher_step, teacher_optimizer
 from ikdmil.errors import IkdmilError
-from ikdmil.losses import mil_loss
-from ikdmil.models import create_model
-from ikdmil.models.checkpoint import load_model, load_state_checked, read_model_meta, save_model
-from ikdmil.models.heads import MILOutput
+from ikdmil.models import MILSegmenter
+from ikdmil.models.checkpoint import load_model, load_state_checked, read_model_meta
+
+logger = logging.getLogger(__name__)
 
 PHASES = ("teacher", "fusion", "distill", "done")
-FUSION_LR = 1e-2
+COLLAPSE_WARNING = 0.9  # a fitted fusion weight above this: the fused map is nearly one side
 
 
-def _say(msg: str, progress: bool) -> None:
-    if progress:
-        print(msg, flush=True)
+@dataclass
+class Best:
+    """A model state kept because it scored best on validation."""
+
+    score: float
+    epoch: int
+    state: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, model: MILSegmenter, score: float, epoch: int) -> "Best":
+        return cls(score, epoch, copy.deepcopy(model.state_dict()))
 
 
-class Pipeline:
-    """Runs the phases from `first_phase` to `last_phase` of one run directory."""
+def _best_state(b: Best | None) -> dict | None:
+    return None if b is None else {"score": b.score, "epoch": b.epoch, "state": b.state}
+
+
+def _best_from(b: dict | None) -> Best | None:
+    return None if b is None else Best(b["score"], b["epoch"], b["state"])
+
+
+@dataclass
+class Selection:
+    """What model selection has seen so far (all on the validation split); saved in checkpoints."""
+
+    teacher_best: Best | None = None  # best stage-1 epoch
+    student_best: Best | None = None  # best student of stage 2 (-> student.safetensors)
+    cycle_best: Best | None = None  # best student since the last swap (-> the next teacher)
+    stage1_score: float | None = None  # the teacher with its stage-1 (uniform) fusion weights
+    teacher_score: float | None = None  # the current (frozen) teacher's validation score
+    swaps: int = 0
+    epochs_run: int = 0  # epochs of all phases together (reshuffles the DistributedSampler)
+
+    def to_state(self) -> dict:
+        """Plain dicts and tensors only, so `torch.load(weights_only=True)` reads it back."""
+        return {"teacher_best": _best_state(self.teacher_best), "student_best": _best_state(self.student_best),
+                "cycle_best": _best_state(self.cycle_best), "stage1_score": self.stage1_score,
+                "teacher_score": self.teacher_score, "swaps": self.swaps, "epochs_run": self.epochs_run}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Selection":
+        return cls(_best_from(state["teacher_best"]), _best_from(state["student_best"]),
+                   _best_from(state["cycle_best"]), state["stage1_score"], state["teacher_score"],
+                   state["swaps"], state["epochs_run"])
+
+
+class Pipeline(TrainingRun):
+    """IKD-MIL training of one run directory, from `first_phase` to `last_phase`.
+
+    Phases: `teacher` (stage-1 MIL teacher, best epoch on validation), `fusion` (the fusion-weight
+    fit; writes `teacher.safetensors`), `distill` (stage 2: iterative fusion-knowledge distillation
+    with role swaps; writes `student.safetensors`). Then `finish` writes `model.safetensors` (the
+    better of the two on validation) and `results.json` (validation scores, test metrics).
+
+    Args:
+        cfg: the run's settings; `cfg.out` is the run directory.
+        resume: continue from `cfg.out/checkpoint.pt` (bit-identically to an uninterrupted run).
+        progress: show progress bars; messages go to `logging.getLogger("ikdmil...")`.
+        first_phase: "teacher" (default) or "distill" (then `teacher_file` is the frozen teacher).
+        last_phase: "distill" (default) or "fusion" (stop after the teacher, as `ikdmil train`).
+        teacher_file: a teacher model file, for `first_phase="distill"`.
+
+    Returns:
+        `run()` returns the results dict also written to `results.json` (empty on ranks > 0).
+
+    Example:
+        >>> cfg = RunConfig(data="data/glas", out="runs/glas", input_size=128)
+        >>> results = Pipeline(cfg).run()
+        >>> results["selected"], results["models"]["student"]["test"]["f1"]
+    """
 
     def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool = True,
                  first_phase: str = "teacher", last_phase: str = "distill", teacher_file: str | None = None):
-        self.cfg = cfg.validate()
-        self.progress = progress
-        self.run_dir = Path(cfg.out)
-        self.dist, self.device = setup_distributed(cfg.device)
-        self.progress = progress and self.dist.is_main
+        super().__init__(cfg, resume, progress)
         self.first_phase, self.last_phase = first_phase, last_phase
         self.teacher_file = teacher_file
-        self.epoch_hooks: list[Callable[[str, int], None]] = []  # called after each checkpoint
-        self.ckpt_path = self.run_dir / "checkpoint.pt"
-        if not resume and self.ckpt_path.exists():
-            raise IkdmilError(
-                f"{self.run_dir}: a run already exists here; pass --resume to continue it or choose another --out"
-            )
-        self.resume = resume
-
         if first_phase == "distill" and not resume:
             if not teacher_file:
                 raise IkdmilError("distill needs a teacher: pass --teacher MODEL.safetensors")
             read_model_meta(teacher_file)  # fail before any work on a foreign or missing file
-        samples = load_samples(cfg.data)
-        self.train_samples = select_split(samples, "train", cfg.data, need_both=True)
-        self.val_samples = select_split(samples, "val", cfg.data, need_both=False)
-        self.test_samples = [s for s in samples if s.split == "test"]
-        cache = cfg.cache_dir or None
-        progress = self.progress
-        if not self.dist.is_main:
-            self.dist.barrier()  # rank 0 builds the preprocessing cache, the others then read it
-        self.train_arrays = build_cache(self.train_samples, cfg.input_size, cache, progress, "caching train")
-        self.val_arrays = build_cache(self.val_samples, cfg.input_size, cache, progress, "caching val")
-        self.test_arrays = (build_cache(self.test_samples, cfg.input_size, cache, progress, "caching test")
-                            if self.test_samples else None)
-        if self.dist.is_main:
-            self.dist.barrier()
-        self.val_has_masks = bool(self.val_arrays.has_mask.all())
-        if not self.val_has_masks:
-            _say("note: some validation positives have no mask; model selection uses the validation MIL loss",
-                 progress)
-
-    # ----------------------------------------------------------------- helpers
-    def _new_model(self, seed_offset: int):
-        torch.manual_seed(self.cfg.seed + seed_offset)
-        model, message = create_model(self.cfg.backbone, self.cfg.pretrained)
-        if seed_offset == 0:
-            _say(f"weights: {message}", self.progress)
-        # channels_last is faster for these convs on both CUDA and CPU (oneDNN): ~1.3x on 2 CPU cores
-        return model.to(self.device, memory_format=torch.channels_last)
-
-    def _train_view(self, model):
-        """The module the optimiser steps through: DDP-wrapped under torchrun (call after setting
-        requires_grad for the phase, since DDP registers exactly the trainable parameters)."""
-        view = model
-        if self.dist.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            view = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        return torch.compile(view) if self.cfg.compile else view
-
-    def _save_model(self, model, name: str, **meta) -> None:
-        if self.dist.is_main:
-            if self.cfg.model_mpp > 0:  # lets `predict` read slides at the training resolution
-                meta.setdefault("mpp", self.cfg.model_mpp)
-            save_model(model, self.run_dir / name, input_size=self.cfg.input_size, **meta)
-
-    def val_score(self, model) -> float:
-        """Validation F1 (all patches), or minus the MIL loss when validation masks are missing.
-
-        Every rank scores the whole (small) validation split, so all ranks take the same swap decision."""
-        if self.val_has_masks:
-            summary, _, _ = evaluate_model(model, self.val_arrays, self.device, self.cfg.eval_sigma,
-                                           self.cfg.threshold, self.cfg.batch_size * 2, self.cfg.amp)
-            return float(summary["f1"])
-        probs = predict_fused(model, self.val_arrays.images, self.device, self.cfg.batch_size * 2, self.cfg.amp)
-        labels = torch.from_numpy(np.asarray(self.val_arrays.labels))
-        fused = torch.from_numpy(probs)[:, None]
-        return -float(mil_loss(MILOutput(sides=[], fused=fused), labels))
-
-    def _save(self, state: dict) -> None:
-        state = dict(state)
-        state["rng"] = {"torch": torch.get_rng_state(), "loader": self.loader_gen.get_state(),
-                        "aug": self.augment.gen.get_state()}
-        state["rows"] = self.log.rows
-        if self.dist.is_main:
-            save_checkpoint(self.ckpt_path, state)
-        for hook in self.epoch_hooks:
-            hook(state["phase"], state["epoch"])
+        self.load_data()
+        self.teacher: MILSegmenter | None = None
+        self.student: MILSegmenter | None = None
+        self.opt: torch.optim.Optimizer | None = None
+        self.phase, self.epoch = first_phase, 0
+        self.sel = Selection()
+        self.saved: dict | None = None  # the checkpoint resumed from, until its phase is entered
 
     # ----------------------------------------------------------------- main
     def run(self) -> dict:
-        cfg = self.cfg
+        """Run the remaining phases, then `finish`; returns the results dict."""
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         timer = Timer()
-        images = self.train_arrays.images
-        in_memory = cfg.loader == "memory" or (cfg.loader == "auto" and fits_on_device(images.nbytes, self.device))
-        if in_memory:
-            self.loader = MemoryLoader(images, self.train_arrays.labels, cfg.batch_size, cfg.seed, self.device,
-                                       self.dist)
-            self.loader_gen = self.loader.generator
-        else:
-            self.loader, self.loader_gen = make_loader(PatchDataset(self.train_arrays), cfg.batch_size, True,
-                                                       cfg.seed, cfg.workers, self.device, self.dist)
-        self.augment = Augmenter(cfg.seed, cfg.augment)
-
-        teacher = self._new_model(0)
-        student = None
-        opt = None
+        self.setup_loader()
+        self.teacher = self._new_model(0)
         if self.resume:
-            st = load_checkpoint(self.ckpt_path)
-            rows = st.get("rows", [])
-            self.loader_gen.set_state(st["rng"]["loader"])
-            self.augment.gen.set_state(st["rng"]["aug"])
-            torch.set_rng_state(st["rng"]["torch"])
-            load_state_checked(teacher, st["teacher"], self.ckpt_path)
-            phase, epoch = st["phase"], st["epoch"]
-            sel = st["selection"]
-            sel.setdefault("epochs_run", 0)
-            if st.get("student") is not None:
-                student = self._new_model(1)
-                load_state_checked(student, st["student"], self.ckpt_path)
-            _say(f"resuming {self.run_dir} at phase {phase}, epoch {epoch}", self.progress)
+            self._restore()
         else:
-            rows = []
-            phase, epoch = self.first_phase, 0
-            sel = {"teacher_best": None, "student_best": None, "teacher_score": None, "swaps": 0, "epochs_run": 0}
-            if phase == "distill":
-                loaded, _ = load_model(self.teacher_file, self.device, expect_backbone=cfg.backbone)
-                teacher.load_state_dict(loaded.state_dict())
-                sel["teacher_score"] = self.val_score(teacher)
-                self._save_model(teacher, "teacher.safetensors", role="teacher", val_score=sel["teacher_score"],
-                                 source=str(self.teacher_file))
+            self._start()
         if self.dist.is_main:
-            cfg.save(self.run_dir / "config.yaml")  # on --resume too: options given then are recorded
-        self.log = MetricsLog(self.run_dir, rows, write=self.dist.is_main)
-
-        def epoch_loader():
-            set_loader_epoch(self.loader, sel["epochs_run"])
-            sel["epochs_run"] += 1
-            return self.loader
-
-        def state(**kw):
-            return {"phase": phase, "epoch": epoch, "teacher": teacher.state_dict(),
-                    "student": student.state_dict() if student is not None else None,
-                    "optimizer": opt.state_dict() if opt is not None else None, "selection": sel, **kw}
-
+            self.cfg.save(self.run_dir / "config.yaml")  # on --resume too: options given then are recorded
+        self.open_log(self.rows)
         try:
-            # ---------------- stage 1: MIL teacher
-            if phase == "teacher":
-                opt = teacher_optimizer(teacher, cfg.lr, cfg.weight_decay)
-                if self.resume and st.get("optimizer") is not None:
-                    opt.load_state_dict(st["optimizer"])
-                step = make_teacher_step(self._train_view(teacher), opt, self.device, cfg.amp, cfg.teacher_loss)
-                while epoch < cfg.teacher_epochs:
-                    t0 = time.perf_counter()
-                    losses = run_epoch(step, epoch_loader(), self.device, self.augment,
-                                       f"teacher {epoch + 1}/{cfg.teacher_epochs}", self.progress)
-                    score = self.val_score(teacher)
-                    epoch += 1
-                    if sel["teacher_best"] is None or score > sel["teacher_best"]["score"]:
-                        sel["teacher_best"] = {"score": score, "epoch": epoch,
-                                               "state": copy.deepcopy(teacher.state_dict())}
-                    self.log.add({"phase": "teacher", "epoch": epoch, **losses, "val_teacher": score,
-                                  "seconds": round(time.perf_counter() - t0, 3)})
-                    _say(f"teacher epoch {epoch}/{cfg.teacher_epochs}  loss {losses['loss']:.4f}  val {score:.4f}",
-                         self.progress)
-                    self._save(state())
-                if sel["teacher_best"] is not None:  # selection on the validation split
-                    teacher.load_state_dict(sel["teacher_best"]["state"])
-                phase, epoch, opt = "fusion", 0, None
-                self._save(state())
-
-            # ---------------- fusion-weight fit
-            if phase == "fusion":
-                opt = fusion_optimizer(teacher, FUSION_LR)
-                if self.resume and st.get("optimizer") is not None and st["phase"] == "fusion":
-                    opt.load_state_dict(st["optimizer"])
-                if self.dist.world > 1:  # three scalars: average their gradient across ranks directly
-                    teacher.fusion_logits.register_hook(all_reduce_mean)
-                step = make_fusion_step(teacher, opt, self.device, cfg.amp, cfg.teacher_loss)
-                while epoch < cfg.fusion_epochs:
-                    losses = run_epoch(step, epoch_loader(), self.device, self.augment,
-                                       f"fusion {epoch + 1}/{cfg.fusion_epochs}", self.progress)
-                    epoch += 1
-                    w = [round(float(v), 4) for v in teacher.fusion_weights.detach()]
-                    self.log.add({"phase": "fusion", "epoch": epoch, **losses, "fusion_weights": " ".join(map(str, w))})
-                    self._save(state())
-                sel["teacher_score"] = self.val_score(teacher)
-                self._save_model(teacher, "teacher.safetensors", role="teacher", val_score=sel["teacher_score"])
-                _say(f"teacher: fusion weights {[round(float(v), 3) for v in teacher.fusion_weights.detach()]}, "
-                     f"val {sel['teacher_score']:.4f} -> {self.run_dir / 'teacher.safetensors'}", self.progress)
-                phase, epoch, opt = ("distill" if self.last_phase == "distill" else "done"), 0, None
-                self._save(state())
-
-            # ---------------- stage 2: iterative fusion-knowledge distillation
-            if phase == "distill":
-                freeze(teacher)
-                if sel["teacher_score"] is None:
-                    sel["teacher_score"] = self.val_score(teacher)
-                if student is None:
-                    student = self._new_model(1)
-                opt = student_optimizer(student, cfg.lr, cfg.weight_decay)
-                if self.resume and st.get("optimizer") is not None and st["phase"] == "distill":
-                    opt.load_state_dict(st["optimizer"])
-                targets = None
-                if cfg.teacher_cache:
-                    targets = TeacherTargets(self.train_arrays.images, self.device, cfg.amp, cfg.batch_size * 2)
-                    targets.refresh(teacher)
-
-                def cycle_step(opt):  # the student is wrapped (DDP / compile) once per cycle, not per epoch
-                    return make_distill_step(self._train_view(student), teacher, opt, self.device, cfg.amp,
-                                             cfg.wce_scale, targets)
-
-                step = cycle_step(opt)
-                while epoch < cfg.distill_epochs:
-                    t0 = time.perf_counter()
-                    losses = run_epoch(step, epoch_loader(), self.device, self.augment,
-                                       f"distill {epoch + 1}/{cfg.distill_epochs}", self.progress)
-                    epoch += 1
-                    row = {"phase": "distill", "epoch": epoch, "cycle": sel["swaps"], **losses}
-                    if epoch % cfg.swap_every == 0 or epoch == cfg.distill_epochs:
-                        s_score = self.val_score(student)
-                        row.update(val_teacher=sel["teacher_score"], val_student=s_score, swapped=False)
-                        if sel["student_best"] is None or s_score > sel["student_best"]["score"]:
-                            sel["student_best"] = {"score": s_score, "epoch": epoch,
-                                                   "state": copy.deepcopy(student.state_dict())}
-                        if s_score > sel["teacher_score"] and epoch < cfg.distill_epochs:
-                            swap_roles(teacher, student)
-                            if targets is not None:
-                                targets.refresh(teacher)
-                            sel["teacher_score"] = s_score
-                            sel["swaps"] += 1
-                            row["swapped"] = True
-                            opt = student_optimizer(student, cfg.lr, cfg.weight_decay)
-                            step = cycle_step(opt)
-                        _say(f"distill epoch {epoch}/{cfg.distill_epochs}  loss {losses['loss']:.4f}  "
-                             f"val teacher {row['val_teacher']:.4f} student {s_score:.4f}"
-                             f"{'  -> swap' if row['swapped'] else ''}", self.progress)
-                    row["seconds"] = round(time.perf_counter() - t0, 3)
-                    self.log.add(row)
-                    self._save(state())
-                if sel["student_best"] is not None:
-                    student.load_state_dict(sel["student_best"]["state"])
-                    self._save_model(student, "student.safetensors", role="student",
-                                     val_score=sel["student_best"]["score"])
-                phase, epoch, opt = "done", 0, None
-                self._save(state())
+            if self.phase == "teacher":
+                self.teacher_phase()
+            if self.phase == "fusion":
+                self.fusion_phase()
+            if self.phase == "distill":
+                self.distill_phase()
         finally:
             self.log.close()
-
         self.dist.barrier()  # rank 0's model files are complete before anyone reads them
-        return self.finish(sel, timer()) if self.dist.is_main else {}
+        return self.finish(self.sel.swaps, timer()) if self.dist.is_main else {}
 
-    def finish(self, sel: dict, seconds: float) -> dict:
-        """Pick the model for `predict` on validation, evaluate on test, write results.json."""
+    def _new_model(self, seed_offset: int) -> MILSegmenter:
+        """`new_model` with the fixed `fusion_weights`, when given."""
+        model = self.new_model(seed_offset)
+        fixed = self.cfg.fixed_fusion_weights()
+        if fixed is not None:
+            if len(fixed) != len(model.fusion_logits):
+                raise IkdmilError(f"--fusion-weights gives {len(fixed)} weights but {self.cfg.backbone!r} has "
+                                  f"{len(model.fusion_logits)} side outputs; give one weight per side")
+            with torch.no_grad():
+                model.fusion_logits.copy_(torch.tensor(fixed).log())
+        return model
+
+    def _start(self) -> None:
+        if self.phase != "distill":
+            return
+        loaded, _ = load_model(self.teacher_file, self.device, expect_backbone=self.cfg.backbone)
+        self.teacher.load_state_dict(loaded.state_dict())
+        self.sel.teacher_score = self.val_score(self.teacher)
+        self.save_model_file(self.teacher, "teacher.safetensors", role="teacher", val_score=self.sel.teacher_score,
+                             source=str(self.teacher_file))
+
+    def _restore(self) -> None:
+        st = load_checkpoint(self.ckpt_path)
+        self.rows = st.get("rows", [])
+        load_state_checked(self.teacher, st["teacher"], self.ckpt_path)
+        if st.get("student") is not None:  # built before the RNG states are restored: building seeds torch
+            self.student = self._new_model(1)
+            load_state_checked(self.student, st["student"], self.ckpt_path)
+        self.restore_rng(st["rng"])
+        self.phase, self.epoch = st["phase"], st["epoch"]
+        self.sel = Selection.from_state(st["selection"])
+        self.saved = st
+        self.info(f"resuming {self.run_dir} at phase {self.phase}, epoch {self.epoch}")
+
+    def _resume_optimizer(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Load the saved optimizer state into `opt` when the run stopped inside this phase."""
+        st, self.saved = self.saved, None
+        if st is not None and st.get("optimizer") is not None and st["phase"] == self.phase:
+            opt.load_state_dict(st["optimizer"])
+        return opt
+
+    def _next_epoch(self, step: Step, desc: str) -> dict[str, float]:
+        """One training epoch of the current phase; returns its mean losses."""
+        loader = self.epoch_loader(self.sel.epochs_run)
+        self.sel.epochs_run += 1
+        return run_epoch(step, loader, self.device, self.augment, desc, self.progress)
+
+    def _state(self) -> dict:
+        return {"phase": self.phase, "epoch": self.epoch, "teacher": self.teacher.state_dict(),
+                "student": self.student.state_dict() if self.student is not None else None,
+                "optimizer": self.opt.state_dict() if self.opt is not None else None,
+                "selection": self.sel.to_state()}
+
+    def _end_epoch(self, row: dict, t0: float) -> None:
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        self.log.add(row)
+        self.checkpoint(self._state())
+
+    def _enter(self, phase: str) -> None:
+        self.phase, self.epoch, self.opt = phase, 0, None
+        self.checkpoint(self._state())
+
+    # ----------------------------------------------------------------- stage 1: MIL teacher
+    def teacher_phase(self) -> None:
+        """Train the MIL teacher; keep its best epoch on validation."""
         cfg = self.cfg
-        candidates = []
-        if (self.run_dir / "teacher.safetensors").is_file():
-            candidates.append(("teacher", self.run_dir / "teacher.safetensors"))
-        if (self.run_dir / "student.safetensors").is_file():
-            candidates.append(("student", self.run_dir / "student.safetensors"))
-        results = {"ikdmil": __version__, "run_dir": str(self.run_dir), "device": str(self.device),
-                   "host": platform.node(), "world_size": self.dist.world, "seconds": round(seconds, 1),
-                   "swaps": sel.get("swaps", 0),
-                   "selection_metric": "val F1" if self.val_has_masks else "val -MIL loss",
-                   "models": {}}
-        test_arrays = self.test_arrays
+        self.opt = self._resume_optimizer(teacher_optimizer(self.teacher, cfg.lr, cfg.weight_decay))
+        step = make_teacher_step(self.train_view(self.teacher), self.opt, self.device, cfg.amp, cfg.teacher_loss)
+        while self.epoch < cfg.teacher_epochs:
+            t0 = time.perf_counter()
+            losses = self._next_epoch(step, f"teacher {self.epoch + 1}/{cfg.teacher_epochs}")
+            fields = self.validation_fields(self.teacher)
+            score = fields["val_score"]
+            self.epoch += 1
+            if self.sel.teacher_best is None or score > self.sel.teacher_best.score:
+                self.sel.teacher_best = Best.of(self.teacher, score, self.epoch)
+            self.info(f"teacher epoch {self.epoch}/{cfg.teacher_epochs}  loss {losses['loss']:.4f}  val {score:.4f}")
+            self._end_epoch({"phase": "teacher", "epoch": self.epoch, **losses, **fields}, t0)
+        if self.sel.teacher_best is not None:  # selection on the validation split
+            self.teacher.load_state_dict(self.sel.teacher_best.state)
+        self._enter("fusion")
+
+    # ----------------------------------------------------------------- fusion-weight fit
+    def fusion_phase(self) -> None:
+        """Fit the teacher's fusion weights (unless fixed); writes teacher.safetensors."""
+        cfg, teacher, sel = self.cfg, self.teacher, self.sel
+        if cfg.fixed_fusion_weights() is None and cfg.fusion_epochs > 0:
+            self._fit_fusion()
+        if sel.teacher_score is None:
+            sel.teacher_score = self.val_score(teacher)
+        self.save_model_file(teacher, "teacher.safetensors", role="teacher", val_score=sel.teacher_score)
+        self.info(f"teacher: fusion weights {[round(float(v), 3) for v in teacher.fusion_weights.detach()]}, "
+                  f"val {sel.teacher_score:.4f} -> {self.run_dir / 'teacher.safetensors'}")
+        self._enter("distill" if self.last_phase == "distill" else "done")
+
+    def _fit_fusion(self) -> None:
+        cfg, teacher = self.cfg, self.teacher
+        if self.sel.stage1_score is None:
+            self.sel.stage1_score = self.val_score(teacher)
+        self.opt = self._resume_optimizer(fusion_optimizer(teacher, cfg.fusion_lr))
+        if self.dist.world > 1:  # three scalars: average their gradient across ranks directly
+            teacher.fusion_logits.register_hook(all_reduce_mean)
+        step = make_fusion_step(teacher, self.opt, self.device, cfg.amp, cfg.teacher_loss)
+        while self.epoch < cfg.fusion_epochs:
+            t0 = time.perf_counter()
+            losses = self._next_epoch(step, f"fusion {self.epoch + 1}/{cfg.fusion_epochs}")
+            self.epoch += 1
+            w = [round(float(v), 4) for v in teacher.fusion_weights.detach()]
+            row = {"phase": "fusion", "epoch": self.epoch, **losses, "fusion_weights": " ".join(map(str, w))}
+            if self.epoch == cfg.fusion_epochs:
+                row.update(self._judge_fusion())
+            self._end_epoch(row, t0)
+
+    def _judge_fusion(self) -> dict:
+        """Keep the fitted fusion weights only if they beat the stage-1 (uniform) ones on validation."""
+        teacher, sel = self.teacher, self.sel
+        fields = self.validation_fields(teacher)
+        w = [round(float(v), 3) for v in teacher.fusion_weights.detach()]
+        kept = fields["val_score"] > sel.stage1_score
+        if max(w) > COLLAPSE_WARNING and self.dist.is_main:
+            logger.warning("fusion fit: weight %s > %s, the fused map is nearly one side (%s); lower --fusion-lr "
+                           "or fix --fusion-weights", max(w), COLLAPSE_WARNING,
+                           "kept: it scored better on validation" if kept else "discarded")
+        if not kept:
+            with torch.no_grad():
+                teacher.fusion_logits.zero_()
+        sel.teacher_score = fields["val_score"] if kept else sel.stage1_score
+        self.info(f"fusion fit: weights {w}, val {fields['val_score']:.4f} vs uniform {sel.stage1_score:.4f}: "
+                  f"{'kept' if kept else 'back to uniform'}")
+        return {**fields, "fusion_kept": int(kept)}
+
+    # ----------------------------------------------------------------- stage 2: iterative fusion KD
+    def distill_phase(self) -> None:
+        """Distil the frozen teacher into the student; each cycle's best student may become the teacher."""
+        cfg = self.cfg
+        freeze(self.teacher)
+        if self.sel.teacher_score is None:
+            self.sel.teacher_score = self.val_score(self.teacher)
+        if self.student is None:
+            self.student = self._new_model(1)
+            if not cfg.train_student_fusion:  # the teacher's (fitted or fixed) weights, frozen
+                with torch.no_grad():
+                    self.student.fusion_logits.copy_(self.teacher.fusion_logits)
+        self.opt = self._resume_optimizer(self._student_optimizer())
+        self.targets = self._teacher_targets()
+        step = self._cycle_step()
+        while self.epoch < cfg.distill_epochs:
+            t0 = time.perf_counter()
+            losses = self._next_epoch(step, f"distill {self.epoch + 1}/{cfg.distill_epochs}")
+            self.epoch += 1
+            row = {"phase": "distill", "epoch": self.epoch, **losses, "cycle": self.sel.swaps,
+                   "teacher_score": self.sel.teacher_score}
+            if self._validation_due():
+                self._score_student(row)
+            swapped = self._maybe_swap()
+            if swapped:
+                step = self._cycle_step()
+            row["swap"] = int(swapped)
+            self._end_epoch(row, t0)
+        if self.sel.student_best is not None:
+            self.student.load_state_dict(self.sel.student_best.state)
+            self.save_model_file(self.student, "student.safetensors", role="student",
+                                 val_score=self.sel.student_best.score)
+        self._enter("done")
+
+    def _student_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        return student_optimizer(self.student, cfg.lr, cfg.weight_decay, cfg.train_student_fusion)
+
+    def _teacher_targets(self) -> TeacherTargets:
+        cfg = self.cfg
+        channels = len(self.teacher.side_heads) + 1 if cfg.kd_structure == "block" else 1
+        targets = TeacherTargets(self.train_arrays.images, self.device, cfg.amp, cfg.batch_size * 2,
+                                 views=8 if cfg.augment else 1, channels=channels, mode=cfg.teacher_target,
+                                 cache=cfg.teacher_cache)
+        if cfg.teacher_cache and not targets.cached:
+            self.info("teacher maps do not fit in memory: the teacher runs live in every step")
+        targets.refresh(self.teacher)
+        return targets
+
+    def _cycle_step(self) -> Step:
+        """The distillation step of a cycle: the student is wrapped (DDP / compile) once per cycle."""
+        cfg = self.cfg
+        return make_distill_step(self.train_view(self.student), self.teacher, self.opt, self.device, cfg.amp,
+                                 cfg.wce_scale, self.targets, cfg.kd_structure)
+
+    def _validation_due(self) -> bool:
+        cfg, epoch = self.cfg, self.epoch
+        return (epoch % cfg.val_every == 0 or epoch == cfg.distill_epochs
+                or (cfg.swap and epoch % cfg.swap_every == 0))
+
+    def _score_student(self, row: dict) -> None:
+        """Score the student on validation; keep it as the best of its cycle and of the run."""
+        fields = self.validation_fields(self.student)
+        row.update(fields)
+        score, sel = fields["val_score"], self.sel
         best = None
-        for role, path in candidates:
-            model, meta = load_model(path, self.device)
-            entry = {"file": path.name, "val_score": meta.get("val_score")}
-            if test_arrays is not None:
-                summary, _, _ = evaluate_model(model, test_arrays, self.device, cfg.eval_sigma, cfg.threshold,
-                                               cfg.batch_size * 2, cfg.amp, self.progress, f"test {role}")
-                entry["test"] = summary
-            results["models"][role] = entry
-            score = float("-inf") if entry["val_score"] is None else entry["val_score"]
-            if best is None or score > best[0]:
-                best = (score, role, meta, model)
-        if best is not None:
-            _, role, meta, model = best
-            save_model(model, self.run_dir / "model.safetensors",
-                       **{k: v for k, v in meta.items() if k not in ("format", "backbone")})
-            results["selected"] = role
-        write_text(self.run_dir / "results.json", json.dumps(results, indent=2))
-        return results
+        if sel.cycle_best is None or score > sel.cycle_best.score:
+            best = sel.cycle_best = Best.of(self.student, score, self.epoch)
+        if sel.student_best is None or score > sel.student_best.score:
+            sel.student_best = best or Best.of(self.student, score, self.epoch)
+        self.info(f"distill epoch {self.epoch}/{self.cfg.distill_epochs}  loss {row['loss']:.4f}  "
+                  f"val teacher {sel.teacher_score:.4f} student {score:.4f}")
+
+    def _maybe_swap(self) -> bool:
+        """At a swap check: the cycle's best student becomes the teacher if it beats it on validation,
+        and the old teacher becomes the student (new optimizer, new cycle). Returns whether it swapped."""
+        cfg, sel = self.cfg, self.sel
+        if not (cfg.swap and self.epoch % cfg.swap_every == 0 and self.epoch < cfg.distill_epochs):
+            return False
+        best = sel.cycle_best
+        if best is None or not best.score > sel.teacher_score:
+            return False
+        swap_roles(self.teacher, self.student, new_teacher=best.state)
+        self.targets.refresh(self.teacher)
+        self.info(f"swap: the student of epoch {best.epoch} (val {best.score:.4f}) becomes the teacher "
+                  f"(val {sel.teacher_score:.4f})")
+        sel.teacher_score, sel.swaps, sel.cycle_best = best.score, sel.swaps + 1, None
+        self.opt = self._student_optimizer()
+        return True

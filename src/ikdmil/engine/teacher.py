@@ -9,21 +9,24 @@ from __future__ import annotations
 import torch
 
 from ikdmil.device import autocast
+from ikdmil.engine.loop import BatchMeta, Step
 from ikdmil.losses import teacher_loss
-from ikdmil.models.heads import MILOutput
+from ikdmil.models.heads import MILOutput, MILSegmenter
 
 
-def teacher_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def teacher_optimizer(model: MILSegmenter, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """Adam over everything but the fusion weights, which stay uniform until the fusion fit."""
     model.fusion_logits.requires_grad_(False)
     params = [p for n, p in model.named_parameters() if n != "fusion_logits"]
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 
-def make_teacher_step(model, opt: torch.optim.Optimizer, device: torch.device, amp: bool, loss: str = "dice"):
+def make_teacher_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device, amp: bool,
+                      loss: str = "dice") -> Step:
+    """Stage-1 step: the MIL loss named `loss` on every map of `model` (a MILSegmenter, maybe DDP-wrapped)."""
     loss_fn = teacher_loss(loss)
 
-    def step(x: torch.Tensor, y: torch.Tensor, meta=None) -> dict[str, float]:
+    def step(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta | None = None) -> dict[str, float]:
         model.train()
         with autocast(device, amp):
             out = model(x)
@@ -36,7 +39,7 @@ def make_teacher_step(model, opt: torch.optim.Optimizer, device: torch.device, a
     return step
 
 
-def fusion_optimizer(model, lr: float) -> torch.optim.Optimizer:
+def fusion_optimizer(model: MILSegmenter, lr: float) -> torch.optim.Optimizer:
     """Adam over the fusion logits only (three scalars: a larger lr than the network's)."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -44,17 +47,16 @@ def fusion_optimizer(model, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam([model.fusion_logits], lr=lr)
 
 
-def make_fusion_step(model, opt: torch.optim.Optimizer, device: torch.device, amp: bool, loss: str = "dice"):
+def make_fusion_step(model: MILSegmenter, opt: torch.optim.Optimizer, device: torch.device, amp: bool,
+                     loss: str = "dice") -> Step:
     """Fit w in f_w = sum softmax(w)_i f_i with the stage-1 loss on the fused map; the network is frozen."""
     loss_fn = teacher_loss(loss)
 
-    def step(x: torch.Tensor, y: torch.Tensor, meta=None) -> dict[str, float]:
+    def step(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta | None = None) -> dict[str, float]:
         model.eval()
         with torch.no_grad(), autocast(device, amp):
             sides = [torch.sigmoid(s).float() for s in model.side_logits(x)]
-        w = model.fusion_weights
-        fused = sum(wi * s for wi, s in zip(w, sides))
-        value = loss_fn(MILOutput(sides=[], fused=fused), y)
+        value = loss_fn(MILOutput(sides=[], fused=model.fuse(sides)), y)
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()

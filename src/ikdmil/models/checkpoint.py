@@ -23,6 +23,8 @@ def save_model(model, path: str | Path, **meta) -> Path:
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     info = {"format": FORMAT, "backbone": model.name, **meta}
+    if getattr(model, "side_taps", None):  # rebuilt by load_model (files without it: the backbone's default)
+        info["side_taps"] = model.side_taps
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"ikdmil": json.dumps(info)})
     return path
@@ -93,6 +95,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", expect_back
             f"(it has: {', '.join(available_backbones())}); use a model trained with one of those"
         )
     model, _ = create_model(meta["backbone"], pretrained="none")
+    if meta.get("side_taps") and model.side_taps is not None:
+        try:
+            model.set_side_taps(meta["side_taps"])
+        except ValueError as exc:
+            raise IkdmilError(f"{path}: {exc}; the file is damaged or from a newer ikdmil") from None
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

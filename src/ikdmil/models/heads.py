@@ -6,6 +6,15 @@ any stride. `MILSegmenter` adds the rest of the method: ImageNet normalisation, 
 per feature map, bilinear upsampling to the input size, sigmoid, and the learnable fusion
 `f_w = sum_i w_i f_i` with `w = softmax(fusion_logits)` (non-negative, sums to one, so the fused map
 stays a probability). Losses, engine, metrics and inference only ever see `MILOutput`.
+
+Precision: the backbone may run under bf16 autocast, but the side heads, the upsampling, the
+sigmoid and the fusion always run in float32 (autocast is switched off around them), so every map
+is a float32 probability in [0, 1]. In bf16 a fused map reached 1.0078 and sigmoid(7) rounded to
+exactly 1, which stopped the gradient of the weighted cross-entropy.
+
+Side taps: a backbone may expose `side_taps` (where its side outputs are taken, see
+`models/vgg.py`) and `align_corners` (how its side logits are upsampled); the model file records
+`side_taps` so that `load_model` rebuilds the same model.
 """
 
 from __future__ import annotations
@@ -47,20 +56,38 @@ class MILSegmenter(nn.Module):
     def fusion_weights(self) -> torch.Tensor:
         return torch.softmax(self.fusion_logits, dim=0)
 
+    @property
+    def side_taps(self) -> str | None:
+        """Where the backbone's side outputs are taken ("pre-pool" / "post-pool"), None if fixed."""
+        return getattr(self.backbone, "side_taps", None)
+
+    def set_side_taps(self, taps: str) -> None:
+        """Choose the side taps of a backbone that offers them (parameter-free: weights still fit)."""
+        if self.side_taps is None:
+            raise ValueError(f"backbone {self.name!r} has fixed side outputs; it has no side taps to choose")
+        self.backbone.set_side_taps(taps)
+
     def side_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Side logits upsampled to the input size (before the sigmoid)."""
+        """Side logits upsampled to the input size (before the sigmoid), float32 whatever the autocast."""
         if x.dtype == torch.uint8:
             x = x.float() / 255.0
         size = x.shape[-2:]
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         feats = self.backbone(x)
-        return [
-            F.interpolate(head(f), size=size, mode="bilinear", align_corners=False)
-            for head, f in zip(self.side_heads, feats)
-        ]
+        align = bool(getattr(self.backbone, "align_corners", False))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return [
+                F.interpolate(head(f.float()), size=size, mode="bilinear", align_corners=align)
+                for head, f in zip(self.side_heads, feats)
+            ]
+
+    def fuse(self, sides: list[torch.Tensor]) -> torch.Tensor:
+        """f_w = sum_i w_i f_i in float32, clamped to <= 1 (float32 weights can sum to 1 + 1e-7)."""
+        w = self.fusion_weights.float()
+        return sum(wi * s.float() for wi, s in zip(w, sides)).clamp(max=1.0)
 
     def forward(self, x: torch.Tensor) -> MILOutput:
-        sides = [torch.sigmoid(s) for s in self.side_logits(x)]
-        w = self.fusion_weights.to(sides[0].dtype)
-        fused = sum(wi * s for wi, s in zip(w, sides))
-        return MILOutput(sides=sides, fused=fused)
+        logits = self.side_logits(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            sides = [torch.sigmoid(s) for s in logits]
+            return MILOutput(sides=sides, fused=self.fuse(sides))

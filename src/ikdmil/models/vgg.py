@@ -1,8 +1,14 @@
 """VGG-MIL: the first three conv blocks of VGG16 with BatchNorm, one side output per block.
 
-Sides are taken from each block's last ReLU, before its max-pool (strides 1, 2, 4), as in HED-style
-side supervision. 24.4 GFLOP per 256x256 image forward. `VGGBlocks(post=...)` inserts a module after
-each block's convolutions and before its pooling: SA-MIL (sa_mil.py) puts criss-cross attention there.
+Side taps (`side_taps`, chosen per run by `RunConfig.side_taps` and recorded in model files):
+- "pre-pool": each block's last ReLU, before its max-pool (strides 1, 2, 4), as in HED-style side
+  supervision; side logits upsampled with `align_corners=False`. The class default, so model files
+  written before side taps existed load as what they are.
+- "post-pool": after each block's max-pool (strides 2, 4, 8; a third pool after block 3), upsampled
+  with `align_corners=True`: the IKD-MIL authors' code.
+The choice adds or removes no parameter. 24.4 GFLOP per 256x256 image forward. `VGGBlocks(post=...)`
+inserts a module after each block's convolutions and before its pooling: SA-MIL (sa_mil.py) puts
+criss-cross attention there.
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ from ikdmil.models.registry import register_backbone
 
 # (out_channels per conv) for VGG16 blocks 1-3: the first seven of VGG16's thirteen convs
 VGG16_BLOCKS = ((64, 64), (128, 128), (256, 256, 256))
+SIDE_TAPS = ("pre-pool", "post-pool")
 
 
 class VGGBlocks(nn.Module):
-    def __init__(self, blocks=VGG16_BLOCKS, post: list[nn.Module] | None = None):
+    def __init__(self, blocks=VGG16_BLOCKS, post: list[nn.Module] | None = None, side_taps: str = "pre-pool"):
         super().__init__()
+        self.set_side_taps(side_taps)
         layers = []
         c_in = 3
         for convs in blocks:
@@ -35,6 +43,12 @@ class VGGBlocks(nn.Module):
         if len(self.post) != len(blocks):
             raise ValueError(f"{len(blocks)} blocks but {len(self.post)} post modules")
 
+    def set_side_taps(self, taps: str) -> None:
+        if taps not in SIDE_TAPS:
+            raise ValueError(f"side taps {taps!r}: choose one of {', '.join(SIDE_TAPS)}")
+        self.side_taps = taps
+        self.align_corners = taps == "post-pool"  # as the authors upsample their strided side maps
+
     def convs(self) -> list[nn.Conv2d]:
         """The VGG16 3x3 convs (not those of any post module), in network order."""
         return [m for m in self.blocks.modules() if isinstance(m, nn.Conv2d)]
@@ -48,12 +62,15 @@ class VGGBlocks(nn.Module):
         assign_conv_weights(convs[:n], weights[:n])
         return n
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
+        after_pool = self.side_taps == "post-pool"
         for i, (block, post) in enumerate(zip(self.blocks, self.post)):
-            if i:
+            if i and not after_pool:
                 x = self.pool(x)
             x = post(block(x))
+            if after_pool:
+                x = self.pool(x)
             feats.append(x)
         return feats
 
