@@ -518,3 +518,35 @@ def test_evaluate_never_replaces_a_training_runs_results(tmp_path, capsys, vgg_s
                "--quiet"])
     assert_clean_failure(rc, capsys.readouterr().err, [str(run), "results.json"], ["choose another --out"], tmp_path)
     assert (run / "results.json").read_text() == '{"models": {}}'
+
+
+# ----------------------------------------------------------------- file names and huge headers (issue 13)
+def test_a_symlink_loop_in_the_dataset_is_one_line(tmp_path, capsys):
+    data = make_data(tmp_path / "data")
+    loop = data / "train" / "pos" / "loop.png"
+    loop.symlink_to(loop)
+    rc, err = train(data, tmp_path, capsys)
+    assert_clean_failure(rc, err, [str(loop)], ["symbolic link"], tmp_path)
+
+
+def test_a_non_utf8_file_name_in_the_dataset_is_one_line(tmp_path, capsys):
+    import os
+
+    data = make_data(tmp_path / "data")
+    bad = os.fsencode(data / "train" / "neg") + b"/caf\xe9.png"
+    with open(bad, "wb") as fh:
+        fh.write((data / "train" / "neg" / "train_n0.png").read_bytes())
+    rc, err = train(data, tmp_path, capsys)
+    assert_clean_failure(rc, err, ["caf\\xe9.png"], ["utf-8"], tmp_path)
+
+
+def test_a_tiny_file_claiming_a_huge_image_is_refused_before_decoding(tmp_path, capsys):
+    data = make_data(tmp_path / "data")
+    bomb = data / "train" / "pos" / "bomb.png"
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+                     + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + struct.pack(">I", 0) + b"IEND"
+                     + struct.pack(">I", zlib.crc32(b"IEND")))
+    rc, err = train(data, tmp_path, capsys)
+    line = assert_clean_failure(rc, err, [str(bomb), "30000 x 30000"], ["ikdmil_max_image_pixels"], tmp_path)
+    assert "limit" in line
