@@ -4,7 +4,9 @@ Slides (and plain images larger than `PredictSettings.patch_max`) are processed 
 slide resampled to the model's training resolution (`model_mpp`, µm/px):
 
 1. tissue is found on an overview (~8 µm/px; see `ikdmil.slide.tissue`) or taken from a user mask;
-2. tiles of `tile_size` model pixels on a grid with `overlap` are kept when they hold tissue, read in
+2. tiles of `tile_size` model pixels on a grid with `overlap` are kept when they hold tissue (for
+   backbones registered as tile-invariant, when neither is set: large tiles whose overlap covers the
+   receptive field, see `ikdmil.inference.tiling`), read in
    DataLoader worker processes from the nearest finer pyramid level and downsampled to the model
    resolution, and run through the model in batches (bf16 autocast on CUDA);
 3. each tile's fused map is optionally smoothed (`sigma`, as in evaluation), averaged down by
@@ -38,10 +40,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ikdmil.errors import IkdmilError
-from ikdmil.inference.model import LoadedModel, tile_maps
+from ikdmil.inference.model import LoadedModel, gaussian_radius, tile_maps
 from ikdmil.inference.settings import PredictSettings
-from ikdmil.inference.tiling import (Box, BandStitcher, Geometry, blend_window, resolve_tiling, select_tiles,
-                                     slide_geometry, tile_loader, tissue_lookup)
+from ikdmil.inference.tiling import (Box, BandStitcher, Geometry, large_tiling, resolve_tiling, select_tiles,
+                                     slide_geometry, tile_loader, tile_window, tissue_lookup)
 from ikdmil.io import chmod_default, replace_folder, write_png, write_text
 from ikdmil.slide.reader import Slide, open_slide
 from ikdmil.slide.tiff import write_pyramid_tiff
@@ -67,6 +69,7 @@ class SlideJob:
     overview: np.ndarray  # RGB overview at the tissue map's resolution (thumbnails are made from it)
     boxes: list[Box]  # level-0 boxes of the tiles to run, in row order
     cells: list[tuple[int, int]]  # their (row, col) in the tile grid
+    batch_size: int  # tiles per forward pass
 
 
 def predict_slide(lm: LoadedModel, slide_path: Path, out_dir: Path, settings: PredictSettings,
@@ -101,14 +104,30 @@ def predict_slide(lm: LoadedModel, slide_path: Path, out_dir: Path, settings: Pr
 def plan_slide(lm: LoadedModel, slide: Slide, slide_path: Path, settings: PredictSettings) -> SlideJob:
     """Resolution, tiling, tissue and the tiles to run for one opened slide (one-line errors)."""
     mpp = slide.require_mpp()
-    tile, overlap = resolve_tiling(settings.tile_size or lm.input_size, settings.overlap, settings.out_stride)
-    geom = slide_geometry(slide.dimensions, mpp, lm.mpp, tile, overlap, settings.out_stride)
+    model_size = (slide.dimensions[0] * mpp[0] / lm.mpp, slide.dimensions[1] * mpp[1] / lm.mpp)
+    tile, overlap, margin = choose_tiling(lm, settings, model_size)
+    geom = slide_geometry(slide.dimensions, mpp, lm.mpp, tile, overlap, settings.out_stride, margin)
     user_mask = _user_mask_for(settings, slide_path)
     tissue, overview = slide_tissue(slide, settings.tissue, user_mask, settings.all_tissue)
     boxes, cells = select_tiles(geom, None if settings.all_tissue else tissue, settings.min_tissue)
-    logger.debug("%s: %d of %d tiles of %d px (overlap %d)", slide_path.name, len(boxes),
-                 geom.grid[0] * geom.grid[1], tile, overlap)
-    return SlideJob(lm, slide, slide_path, settings, geom, tissue, overview, boxes, cells)
+    batch = lm.batch_size
+    if margin and settings.batch_size is None:  # large tiles: about as many pixels per batch as small ones
+        batch = max(1, lm.batch_size * lm.input_size ** 2 // tile ** 2)
+    logger.debug("%s: %d of %d tiles of %d px (overlap %d, margin %d), batch %d", slide_path.name, len(boxes),
+                 geom.grid[0] * geom.grid[1], tile, overlap, margin, batch)
+    return SlideJob(lm, slide, slide_path, settings, geom, tissue, overview, boxes, cells, batch)
+
+
+def choose_tiling(lm: LoadedModel, settings: PredictSettings, model_size: tuple[float, float]) -> tuple[int, int, int]:
+    """(tile, overlap, margin) model px: large tiles for a tile-invariant model when neither --tile-size nor
+    --overlap is given (`LoadedModel.reach` is then known), else the model's input size (margin 0)."""
+    if lm.reach is not None and settings.tile_size is None and settings.overlap is None:
+        large = large_tiling(lm.reach, lm.net_stride, gaussian_radius(settings.sigma), settings.out_stride,
+                             model_size)
+        if large is not None:
+            return large
+    tile, overlap = resolve_tiling(settings.tile_size or lm.input_size, settings.overlap, settings.out_stride)
+    return tile, overlap, 0
 
 
 def run_slide(job: SlideJob, tmp: Path, progress: bool, t_start: float) -> dict:
@@ -143,8 +162,8 @@ def stitch_tiles(job: SlideJob, prob: np.ndarray, mask: np.ndarray, progress: bo
     tile_out = geom.tile // s
     stitcher = BandStitcher(prob, mask, tile_out, settings.threshold,
                             None if settings.all_tissue else tissue_lookup(job.tissue, geom))
-    window = blend_window(tile_out, geom.overlap // s)
-    loader, workers = tile_loader(job.slide, job.path, settings.mpp, job.boxes, geom.tile, lm.batch_size,
+    windows: dict = {}
+    loader, workers = tile_loader(job.slide, job.path, settings.mpp, job.boxes, geom.tile, job.batch_size,
                                   settings.workers, lm.device)
     bar = tqdm(total=len(job.boxes), desc=job.path.name, unit="tile", disable=not progress, leave=False)
     try:
@@ -154,8 +173,9 @@ def stitch_tiles(job: SlideJob, prob: np.ndarray, mask: np.ndarray, progress: bo
                 raise IkdmilError(bad[0])
             maps = tile_maps(lm, batch, settings.sigma, s)
             for k, i in enumerate(idx.tolist()):
-                y, x = geom.tile_origin(*job.cells[i])
-                stitcher.add(y, x, maps[k], window)
+                row, col = job.cells[i]
+                y, x = geom.tile_origin(row, col)
+                stitcher.add(y, x, maps[k], tile_window(geom, row, col, windows))
             bar.update(len(idx))
     finally:
         bar.close()
@@ -219,6 +239,7 @@ def slide_summary(job: SlideJob, stitcher: BandStitcher, polys: list, out_mpp: t
         "level0_px_per_model_px": list(geom.d),
         "tile_size": geom.tile,
         "overlap": geom.overlap,
+        "blend_margin": geom.margin,
         "out_stride": geom.out_stride,
         "output_mpp": list(out_mpp),
         "output_size": list(geom.out_size),
@@ -240,7 +261,7 @@ def slide_summary(job: SlideJob, stitcher: BandStitcher, polys: list, out_mpp: t
         "tiles_per_second": round(n / infer_s, 3) if infer_s > 0 else None,
         "tissue_megapixels_per_second": round(tissue_model_mpx / total_s, 4) if total_s > 0 else None,
         "workers": workers,
-        "batch_size": lm.batch_size,
+        "batch_size": job.batch_size,
         "device": str(lm.device),
         "files": list(OUTPUT_FILES),
     }
@@ -291,6 +312,8 @@ def _settings_key(lm: LoadedModel, settings: PredictSettings, slide_path: Path) 
     h.update(_file_key(lm.path).encode())
     h.update(_file_key(slide_path).encode())
     h.update(str(lm.mpp).encode())
+    if lm.reach is not None:  # large tiles (a different, more exact map than small tiles gave)
+        h.update(f"large tiles, reach {lm.reach}, stride {lm.net_stride}".encode())
     return h.hexdigest()[:16]
 
 

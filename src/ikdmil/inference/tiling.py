@@ -9,6 +9,13 @@ Conventions
   normalised by the weight sum, so a constant map stays exactly constant and tiles leave no seams.
 - `BandStitcher` holds only a band of output rows in memory: tiles arrive in row order and finished
   rows go straight to the (memory-mapped) uint8 probability and mask maps.
+- Large tiles (`large_tiling`, for backbones registered as tile-invariant): tiles of
+  `LARGE_TILES` model px whose overlap holds twice a `margin` = the model's reach (receptive
+  field half-width) + the Gaussian's radius, plus a ramp. The window gives no weight to the
+  `margin` px along each tile edge (where zero padding and the smoothing's reflection change the
+  map), so every output pixel comes from tiles in which it lies deeper than the receptive field:
+  the stitched map equals one forward pass over the whole slide, up to the window's `eps`
+  weight and the slide's own border. Tile origins are multiples of the backbone's stride.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ class Geometry:
     model_size: tuple[float, float]  # slide size in model px (w, h)
     out_size: tuple[int, int]  # output map (w, h)
     grid: tuple[int, int]  # tiles (cols, rows)
+    margin: int = 0  # model px along each tile edge that get no blending weight (large tiles)
 
     @property
     def out_downsample(self) -> tuple[float, float]:
@@ -73,7 +81,7 @@ def resolve_tiling(tile: int, overlap: int | None, out_stride: int) -> tuple[int
 
 
 def slide_geometry(dimensions: tuple[int, int], mpp: tuple[float, float], model_mpp: float, tile: int,
-                   overlap: int, out_stride: int) -> Geometry:
+                   overlap: int, out_stride: int, margin: int = 0) -> Geometry:
     """The tile grid and output grid of a slide of level-0 `dimensions` (w, h) at `mpp` (µm/px)."""
     W0, H0 = dimensions
     d = (model_mpp / mpp[0], model_mpp / mpp[1])
@@ -84,7 +92,35 @@ def slide_geometry(dimensions: tuple[int, int], mpp: tuple[float, float], model_
         return 1 if n <= tile else math.ceil((n - tile) / stride) + 1
 
     out_size = (max(1, math.ceil(wm / out_stride)), max(1, math.ceil(hm / out_stride)))
-    return Geometry(tile, overlap, stride, out_stride, d, (wm, hm), out_size, (count(wm), count(hm)))
+    return Geometry(tile, overlap, stride, out_stride, d, (wm, hm), out_size, (count(wm), count(hm)), margin)
+
+
+#: tile sizes (model px) tried for tile-invariant backbones: the smallest whose overlap costs at most
+#: LARGE_OVERHEAD (computed px per output px) is used, else the largest
+LARGE_TILES = (1024, 1536, 2048)
+LARGE_OVERHEAD = 1.25
+
+
+def large_tiling(reach: int, net_stride: int, smooth_radius: int, out_stride: int,
+                 model_size: tuple[float, float]) -> tuple[int, int, int] | None:
+    """(tile, overlap, margin) in model px for a tile-invariant backbone, or None (use small tiles).
+
+    `reach`: how far the model's output depends on its input (`receptive_reach`); `smooth_radius`:
+    the Gaussian's half-width; the tile shrinks to the slide when the slide is smaller.
+    """
+    align = math.lcm(net_stride, out_stride)
+    margin = _round_up(reach + smooth_radius, out_stride)
+    overlap = _round_up(2 * margin + 4 * out_stride, align)  # a ramp of >= 4 output px between the margins
+    tile = next((t for t in LARGE_TILES if (t / (t - overlap)) ** 2 <= LARGE_OVERHEAD), LARGE_TILES[-1])
+    tile = _round_up(tile, align)
+    if tile <= overlap:
+        return None
+    extent = _round_up(math.ceil(max(model_size)), align)  # one tile covers a small slide
+    return max(min(tile, extent), overlap + align), overlap, margin
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
 
 
 def select_tiles(geom: Geometry, tissue: TissueMap | None, min_tissue: float) -> tuple[list[Box], list[tuple[int, int]]]:
@@ -99,13 +135,44 @@ def select_tiles(geom: Geometry, tissue: TissueMap | None, min_tissue: float) ->
     return boxes, cells
 
 
-def blend_window(n: int, ramp: int, eps: float = 1e-3) -> np.ndarray:
-    """(n, n) weights: 1 inside, falling linearly to ~0 over `ramp` px at each edge (sums to 1 across overlaps)."""
-    if ramp <= 0:
-        return np.ones((n, n), np.float32)
-    i = np.arange(n, dtype=np.float32) + 0.5
-    w = np.clip(np.minimum(i / ramp, (n - i) / ramp), eps, 1.0)
+def blend_window(n: int, ramp: int, eps: float = 1e-3, margin: int = 0) -> np.ndarray:
+    """(n, n) weights: 1 inside, falling linearly to ~0 over `ramp` px at each edge (sums to 1 across overlaps).
+
+    With a `margin`, the fall is over the middle `ramp - 2 * margin` px and the outer `margin` px get
+    only `eps` (weights still sum to 1 across an overlap of `ramp`).
+    """
+    w = blend_profile(n, ramp, eps, margin)
     return np.outer(w, w).astype(np.float32)
+
+
+def blend_profile(n: int, ramp: int, eps: float = 1e-3, margin: int = 0, first: bool = False,
+                  last: bool = False) -> np.ndarray:
+    """(n,) float32 weights along one axis of `blend_window`; `first` / `last`: that end lies on the
+    slide's edge, where no other tile overlaps, so it keeps weight 1."""
+    if ramp <= 0:
+        return np.ones(n, np.float32)
+    i = np.arange(n, dtype=np.float32) + 0.5
+    span = ramp - 2 * margin
+    rise = np.ones(n, np.float32) if first else (i - margin) / span
+    fall = np.ones(n, np.float32) if last else (n - margin - i) / span
+    return np.clip(np.minimum(rise, fall), eps, 1.0).astype(np.float32)
+
+
+def tile_window(geom: Geometry, row: int, col: int, cache: dict) -> np.ndarray:
+    """The blending window of a tile on the output grid. Small tiles share one `blend_window`; large
+    tiles (a margin) keep weight 1 along the slide's edges, where their margin has no neighbour."""
+    s = geom.out_stride
+    n, ramp, margin = geom.tile // s, geom.overlap // s, geom.margin // s
+    cols, rows = geom.grid
+    key = (row == 0, row == rows - 1, col == 0, col == cols - 1) if margin else ()
+    if key not in cache:
+        if margin:
+            wy = blend_profile(n, ramp, margin=margin, first=key[0], last=key[1])
+            wx = blend_profile(n, ramp, margin=margin, first=key[2], last=key[3])
+            cache[key] = np.outer(wy, wx).astype(np.float32)
+        else:
+            cache[key] = blend_window(n, ramp)
+    return cache[key]
 
 
 class BandStitcher:

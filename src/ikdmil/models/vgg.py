@@ -87,6 +87,6 @@ def vgg_mil(pretrained: str | None, post: list[nn.Module] | None = None) -> tupl
     return net, message
 
 
-@register_backbone("vgg16")
+@register_backbone("vgg16", tile_invariant=True)
 def vgg16_mil(pretrained: str | None = "imagenet"):
     return vgg_mil(pretrained)
