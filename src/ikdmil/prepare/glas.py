@@ -402,6 +402,37 @@ def _write_sample(record: _Record, split: str, root: Path) -> Sample:
     return Sample(image_out, record.label, mask_out, split)
 
 
+def _summary(samples: list[Sample], patients: dict[str, set[str]], src_path: Path, layout: str,
+             val_fraction: float, seed: int) -> dict:
+    """glas_summary.json: counts per split and class, the patients of each split, the protocol."""
+    counts = {
+        split: {
+            "pos": sum(1 for s in samples if s.split == split and s.label == 1),
+            "neg": sum(1 for s in samples if s.split == split and s.label == 0),
+        }
+        for split in ("train", "val", "test")
+    }
+    for c in counts.values():
+        c["total"] = c["pos"] + c["neg"]
+    summary = {
+        "preparer": PREPARER_ID,
+        "source": str(src_path),
+        "layout": layout,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "counts": counts,
+        "patients": {split: sorted(p, key=natural_key) for split, p in patients.items()},
+        "n_patients": {split: len(p) for split, p in patients.items()},
+        # GlaS's test set shares patients with its train set by design; this lists them openly.
+        "test_patients_also_in_train_or_val": sorted(
+            patients["test"] & (patients["train"] | patients["val"]), key=natural_key
+        ),
+        "protocol": "malignant -> pos with gland mask; benign -> neg with empty mask; "
+        "test = testA + testB; val taken from train by patient",
+    }
+    return summary
+
+
 def prepare_glas(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -459,31 +490,7 @@ def prepare_glas(
         samples.sort(key=lambda s: (order[s.split], natural_key(s.image.stem)))
         write_manifest(samples, tmp / MANIFEST_NAME)
 
-        counts = {
-            split: {
-                "pos": sum(1 for s in samples if s.split == split and s.label == 1),
-                "neg": sum(1 for s in samples if s.split == split and s.label == 0),
-            }
-            for split in ("train", "val", "test")
-        }
-        for c in counts.values():
-            c["total"] = c["pos"] + c["neg"]
-        summary = {
-            "preparer": PREPARER_ID,
-            "source": str(src_path),
-            "layout": layout,
-            "val_fraction": float(val_fraction),
-            "seed": int(seed),
-            "counts": counts,
-            "patients": {split: sorted(p, key=natural_key) for split, p in patients.items()},
-            "n_patients": {split: len(p) for split, p in patients.items()},
-            # GlaS's test set shares patients with its train set by design; this lists them openly.
-            "test_patients_also_in_train_or_val": sorted(
-                patients["test"] & (patients["train"] | patients["val"]), key=natural_key
-            ),
-            "protocol": "malignant -> pos with gland mask; benign -> neg with empty mask; "
-            "test = testA + testB; val taken from train by patient",
-        }
+        summary = _summary(samples, patients, src_path, layout, float(val_fraction), int(seed))
         write_text(tmp / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
         _check_out(out_path.resolve(), src_path.resolve())  # the folder may have changed meanwhile
         replace_folder(tmp, out_path)
