@@ -410,6 +410,66 @@ def _extract(s: _Slide, scan: dict, patches: list, opts: Camelyon16Options, out:
         slide.close()
 
 
+def _scan_all(slides: list, opts: Camelyon16Options, store: ResumableOutput, progress: bool) -> dict:
+    """Tissue and tumour scan of every slide (resumable: a slide scanned before is not scanned again)."""
+    scans = {}
+    for s in tqdm(slides, desc="scanning slides", unit="slide", disable=not progress, leave=False):
+        scan = store.load("scan", s.name)
+        if scan is None:
+            scan = _scan(s, opts)
+            store.save("scan", s.name, scan)
+        scans[s.name] = scan
+    return scans
+
+
+def _write_all(slides: list, scans: dict, chosen: dict, opts: Camelyon16Options, store: ResumableOutput,
+               progress: bool) -> list[dict]:
+    """Write the chosen patches slide by slide (a finished slide is skipped on resume); their records."""
+    total = sum(len(v) for v in chosen.values())
+    records: list[dict] = []
+    with tqdm(total=total, desc="writing patches", unit="patch", disable=not progress) as bar:
+        for s in slides:
+            patches = chosen[s.name]
+            done = store.done(s.name)
+            if done is not None and len(done) == len(patches):
+                bar.update(len(done))
+                records.extend(done)
+                continue
+            for sub in ("pos", "neg", "masks"):
+                (store.out / s.split / sub).mkdir(parents=True, exist_ok=True)
+            recs = _extract(s, scans[s.name], patches, opts, store.out, bar)
+            store.mark_done(s.name, recs)
+            records.extend(recs)
+    return records
+
+
+def _summary(slides: list, scans: dict, chosen: dict, opts: Camelyon16Options, slides_dir: Path, annos_dir: Path,
+             info: dict) -> dict:
+    """camelyon16_summary.json: the slides of each split, patches per slide, their µm/px, the protocol."""
+    slide_table = {
+        split: sorted((s.name for s in slides if s.split == split), key=natural_key) for split in ("train", "val", "test")
+    }
+    candidates = {s.name: len(scans[s.name]["candidates"]) for s in slides}
+    summary = {
+        "source": {"slides": str(slides_dir), "annotations": str(annos_dir), **info},
+        "slides": slide_table,
+        "tumour_slides": sorted((s.name for s in slides if s.tumour), key=natural_key),
+        "patches_per_slide": {s.name: len(chosen[s.name]) for s in slides},
+        "grid_patches_per_slide": candidates,
+        "patch_level0_size": {s.name: scans[s.name]["span"] for s in slides},
+        # µm/px of the patches (slide mpp x downsample): what a model trained on them should store as "mpp"
+        "patch_mpp": {s.name: round(scans[s.name]["mpp"][0] * scans[s.name]["downsample"], 4) for s in slides},
+        "protocol": (
+            f"{opts.patch_size} px patches at "
+            + (f"{opts.mpp} µm/px" if opts.mpp is not None else f"level {opts.level}")
+            + f"; drop background > {opts.max_background} (test positives: > {opts.test_max_background}); "
+            "positives = tumour patches of tumour slides (masks saved); negatives from normal slides, "
+            f"{opts.neg_ratio}x the positives per split; val by slide from train (seed {opts.seed})"
+        ),
+    }
+    return summary
+
+
 def prepare_camelyon16(slides_dir: str | os.PathLike, annotations_dir: str | os.PathLike, out: str | os.PathLike,
                        options: Camelyon16Options | None = None, progress: bool = True) -> Path:
     """Build the Camelyon16 patch dataset (see the module docstring); resumable slide by slide.
@@ -435,50 +495,10 @@ def prepare_camelyon16(slides_dir: str | os.PathLike, annotations_dir: str | os.
     _assign_splits(slides, opts.val_fraction, opts.seed)
     store = ResumableOutput(out, PREPARER_ID, opts.settings(), [slides_dir, annos_dir], SUMMARY_NAME)
 
-    scans = {}
-    for s in tqdm(slides, desc="scanning slides", unit="slide", disable=not progress, leave=False):
-        scan = store.load("scan", s.name)
-        if scan is None:
-            scan = _scan(s, opts)
-            store.save("scan", s.name, scan)
-        scans[s.name] = scan
+    scans = _scan_all(slides, opts, store, progress)
     chosen = _choose(slides, scans, opts)
-    total = sum(len(v) for v in chosen.values())
-    records: list[dict] = []
-    with tqdm(total=total, desc="writing patches", unit="patch", disable=not progress) as bar:
-        for s in slides:
-            patches = chosen[s.name]
-            done = store.done(s.name)
-            if done is not None and len(done) == len(patches):
-                bar.update(len(done))
-                records.extend(done)
-                continue
-            for sub in ("pos", "neg", "masks"):
-                (store.out / s.split / sub).mkdir(parents=True, exist_ok=True)
-            recs = _extract(s, scans[s.name], patches, opts, store.out, bar)
-            store.mark_done(s.name, recs)
-            records.extend(recs)
-    slide_table = {
-        split: sorted((s.name for s in slides if s.split == split), key=natural_key) for split in ("train", "val", "test")
-    }
-    candidates = {s.name: len(scans[s.name]["candidates"]) for s in slides}
-    summary = {
-        "source": {"slides": str(slides_dir), "annotations": str(annos_dir), **info},
-        "slides": slide_table,
-        "tumour_slides": sorted((s.name for s in slides if s.tumour), key=natural_key),
-        "patches_per_slide": {s.name: len(chosen[s.name]) for s in slides},
-        "grid_patches_per_slide": candidates,
-        "patch_level0_size": {s.name: scans[s.name]["span"] for s in slides},
-        # µm/px of the patches (slide mpp x downsample): what a model trained on them should store as "mpp"
-        "patch_mpp": {s.name: round(scans[s.name]["mpp"][0] * scans[s.name]["downsample"], 4) for s in slides},
-        "protocol": (
-            f"{opts.patch_size} px patches at "
-            + (f"{opts.mpp} µm/px" if opts.mpp is not None else f"level {opts.level}")
-            + f"; drop background > {opts.max_background} (test positives: > {opts.test_max_background}); "
-            "positives = tumour patches of tumour slides (masks saved); negatives from normal slides, "
-            f"{opts.neg_ratio}x the positives per split; val by slide from train (seed {opts.seed})"
-        ),
-    }
+    records = _write_all(slides, scans, chosen, opts, store, progress)
+    summary = _summary(slides, scans, chosen, opts, slides_dir, annos_dir, info)
     manifest = store.finish(records, summary)
     log.info("camelyon16: %s", format_counts(records))
     return manifest
