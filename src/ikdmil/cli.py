@@ -434,7 +434,13 @@ def add_experiment(sub, common) -> None:
 def cmd_experiment(args) -> int:
     from ikdmil.experiment import run_experiment, settings_from_args
 
-    run_experiment(settings_from_args(args))
+    settings = settings_from_args(args)
+    table = run_experiment(settings)
+    out = Path(settings.out)
+    print()
+    print((out / "table.md").read_text().rstrip())
+    print(f"\n{table['runs_done']} run(s) in {table['seconds']:.0f} s; tables in {out}/table.{{md,csv,json}}, "
+          f"{len(table.get('plots', []))} plot(s) in {out / 'plots'}")
     return 0
 
 

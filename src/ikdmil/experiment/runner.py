@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ from ikdmil.io import write_text
 from ikdmil.experiment.variants import (PROFILES, STAGE2_FIELDS, TEACHER_LOSS_BY_BACKBONE, VARIANTS,
                                         apply_overrides, comparable, config_fields, missing_fields, profile_config,
                                         run_key, stage1_key)
+
+log = logging.getLogger(__name__)
 
 MARKER = "experiment_run.json"
 
@@ -317,26 +320,23 @@ def run_experiment(settings: ExperimentSettings) -> dict:
     write_text(plan.out / "experiment_config.yaml", yaml.safe_dump(plan.describe(), sort_keys=False))
     todo = plan.todo()
     done = sum(j.finished() for j in plan.jobs)
-    print(f"experiment {plan.out}: profile {plan.profile.name}, {len(plan.variants)} variant(s) x {len(plan.seeds)} "
-          f"seed(s) x {len(plan.backbones)} backbone(s): {len(plan.jobs)} runs, {done} finished, {len(todo)} to run",
-          flush=True)
+    log.info("experiment %s: profile %s, %d variant(s) x %d seed(s) x %d backbone(s): %d runs, %d finished, %d to run",
+             plan.out, plan.profile.name, len(plan.variants), len(plan.seeds), len(plan.backbones), len(plan.jobs),
+             done, len(todo))
     if plan.skipped_optional:
-        print(f"note: this RunConfig has no {', '.join(plan.skipped_optional)}; the profile's setting(s) for "
-              f"them are left out", flush=True)
+        log.warning("this RunConfig has no %s; the profile's setting(s) for them are left out",
+                    ", ".join(plan.skipped_optional))
     for i, job in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {job.label()} -> {job.run_dir}", flush=True)
+        log.info("[%d/%d] %s -> %s", i, len(todo), job.label(), job.run_dir)
         t = time.perf_counter()
         results = _run_job(job, settings.verbose)
         scores = f"test F1 teacher {_f1(results, 'teacher')}"
         if job.kind == "distill":
             scores += f", student {_f1(results, 'student')}, swaps {results.get('swaps', 0)}"
-        print(f"[{i}/{len(todo)}] done in {time.perf_counter() - t:.0f} s: {scores}", flush=True)
+        log.info("[%d/%d] done in %.0f s: %s", i, len(todo), time.perf_counter() - t, scores)
         write_outputs(plan, plots=False)  # a partial table after every run
     table = write_outputs(plan)
-    print()
-    print((plan.out / "table.md").read_text().rstrip())
-    print(f"\n{len(todo)} run(s) in {time.perf_counter() - t0:.0f} s; tables in {plan.out}/table.{{md,csv,json}}, "
-          f"{len(table.get('plots', []))} plot(s) in {plan.out / 'plots'}", flush=True)
+    table["runs_done"], table["seconds"] = len(todo), round(time.perf_counter() - t0, 1)
     return table
 
 
