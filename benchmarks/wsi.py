@@ -15,6 +15,7 @@ device.
     python benchmarks/wsi.py                                  # 20480 x 20480 px at 0.25 µm/px, CPU or GPU
     python benchmarks/wsi.py --size 100000 --tissue 0.004     # a 100k x 100k slide: the memory bound
     python benchmarks/wsi.py --device cpu --batch-size 8 --workers 2
+    python benchmarks/wsi.py --smoke                          # a 1024 px slide, 64 px tiles: seconds (tests run it)
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ def _tissue_cells(n: int, fraction: float, seed: int) -> np.ndarray:
 
 
 def generate_slide(path: Path, size: int, mpp: float, tissue: float, seed: int = 0) -> dict:
-    import tifffile
     from PIL import Image
 
     from ikdmil.prepare.synth import synth_image
@@ -95,6 +95,20 @@ def generate_slide(path: Path, size: int, mpp: float, tissue: float, seed: int =
                 # level-0 pixels beyond the slide are cropped by the TIFF shape; keep them glass-coloured
                 yield tile
 
+    t1 = time.perf_counter()
+    _write_levels(path, size, mpp, tiles)
+    path.with_suffix(".cells.npy").unlink()
+    info = {"size": size, "mpp": mpp, "tissue_cells": int(cells.sum()), "cells": n * n,
+            "tissue_fraction": round(float(cells.mean()), 4), "render_s": round(gen_s, 1),
+            "write_s": round(time.perf_counter() - t1, 1), "file_mb": round(path.stat().st_size / 2**20, 1)}
+    path.with_suffix(".json").write_text(json.dumps(info))
+    return info
+
+
+def _write_levels(path: Path, size: int, mpp: float, tiles) -> None:
+    """A consecutive-IFD pyramid (halving down to <= 2048 px) from `tiles(level, shape)`, written atomically."""
+    import tifffile
+
     levels = []
     w = size
     while True:
@@ -103,7 +117,6 @@ def generate_slide(path: Path, size: int, mpp: float, tissue: float, seed: int =
             break
         w = (w + 1) // 2
     tmp = path.with_suffix(".tmp.tif")
-    t1 = time.perf_counter()
     with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
         for k, lw in enumerate(levels):
             shape = (lw, lw, 3)
@@ -112,13 +125,6 @@ def generate_slide(path: Path, size: int, mpp: float, tissue: float, seed: int =
                      resolution=(1e4 / (mpp * 2 ** k), 1e4 / (mpp * 2 ** k)), resolutionunit="CENTIMETER",
                      metadata=None)
     os.replace(tmp, path)
-    del store
-    path.with_suffix(".cells.npy").unlink()
-    info = {"size": size, "mpp": mpp, "tissue_cells": int(cells.sum()), "cells": n * n,
-            "tissue_fraction": round(float(cells.mean()), 4), "render_s": round(gen_s, 1),
-            "write_s": round(time.perf_counter() - t1, 1), "file_mb": round(path.stat().st_size / 2**20, 1)}
-    path.with_suffix(".json").write_text(json.dumps(info))
-    return info
 
 
 def _tree_memory(pid: int) -> dict[str, int]:
@@ -158,24 +164,38 @@ print("RESULT " + json.dumps({"slides": rep.slides, "failures": rep.failures, "t
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=int, default=20480, help="slide side in level-0 px (>= 20000 for the issue)")
+    p.add_argument("--size", type=int, default=None, help="slide side in level-0 px (default 20480; --smoke: 1024)")
     p.add_argument("--mpp", type=float, default=0.25, help="slide resolution (0.25 = 40x)")
-    p.add_argument("--tissue", type=float, default=0.3, help="share of the slide covered by tissue")
+    p.add_argument("--tissue", type=float, default=None, help="share of the slide covered by tissue (default 0.3)")
     p.add_argument("--backbone", default="vgg16")
-    p.add_argument("--input-size", type=int, default=256, help="model input = tile size")
+    p.add_argument("--input-size", type=int, default=None, help="model input = tile size (default 256; --smoke: 64)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 4 on CPU, 32 on CUDA")
     p.add_argument("--workers", type=int, default=-1, help="tile-reading processes (-1: automatic)")
     p.add_argument("--device", default="auto")
     p.add_argument("--work", default=None, help="folder for the generated slide and outputs (default: a temp folder)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny run that checks the benchmark works (seconds; figures mean nothing); "
+                        "a fresh temp folder unless --work")
     args = p.parse_args(argv)
+    smoke = {"size": 1024, "tissue": 0.5, "input_size": 64} if args.smoke else {}
+    full = {"size": 20480, "tissue": 0.3, "input_size": 256}
+    for key, value in full.items():
+        if getattr(args, key) is None:
+            setattr(args, key, smoke.get(key, value))
+    if args.smoke and args.work is None:
+        with tempfile.TemporaryDirectory(prefix="ikdmil-wsi-smoke-") as work:
+            return run(args, Path(work))
+    return run(args, Path(args.work) if args.work else Path(tempfile.gettempdir()) / "ikdmil-wsi-bench")
 
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    """Generate (or reuse) the slide under `work`, predict it in a child process, print one JSON line."""
     import torch
 
     from ikdmil.models import create_model
     from ikdmil.models.checkpoint import save_model
 
-    work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / "ikdmil-wsi-bench"
     work.mkdir(parents=True, exist_ok=True)
     slide = work / f"slide-{args.size}-{args.mpp}-{args.tissue}-{args.seed}.tif"
     gen = json.loads(slide.with_suffix(".json").read_text()) if slide.is_file() and slide.with_suffix(".json").is_file() else None
@@ -187,6 +207,21 @@ def main(argv=None) -> int:
 
     child_args = {"model": str(model_file), "slide": str(slide), "out": str(work / "out"),
                   "batch_size": args.batch_size, "workers": args.workers, "device": args.device}
+    code, out, peak, wall = _run_child(child_args)
+    line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+    if code or line is None:
+        print(out, file=sys.stderr)
+        return 1
+    res = json.loads(line[len("RESULT "):])
+    if res["failures"]:
+        print(json.dumps(res["failures"]), file=sys.stderr)
+        return 1
+    print(json.dumps(_result(args, res, peak, wall, gen)))
+    return 0
+
+
+def _run_child(child_args: dict) -> tuple[int, str, dict[str, int], float]:
+    """(exit code, stdout, peak memory in kB, wall seconds) of `predict` in a child process, sampled every 0.1 s."""
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(child_args)], stdout=subprocess.PIPE, text=True)
     peak = {"Pss": 0, "Pss_Anon": 0, "Pss_File": 0}
@@ -203,21 +238,17 @@ def main(argv=None) -> int:
     out, _ = proc.communicate()
     stop.set()
     th.join()
-    wall = time.perf_counter() - t0
-    line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode or line is None:
-        print(out, file=sys.stderr)
-        return 1
-    res = json.loads(line[len("RESULT "):])
-    if res["failures"]:
-        print(json.dumps(res["failures"]), file=sys.stderr)
-        return 1
+    return proc.returncode, out, peak, time.perf_counter() - t0
+
+
+def _result(args: argparse.Namespace, res: dict, peak: dict[str, int], wall: float, gen: dict) -> dict:
+    """The JSON line: the child's slide summary turned into throughput and memory figures."""
     s = res["slides"][0]
     tissue_mpx_l0 = s["tissue"]["area_mm2"] * 1e6 / (args.mpp ** 2) / 1e6
     tissue_mpx_model = tissue_mpx_l0 * (args.mpp / s["model_mpp"]) ** 2
     level0_rgb_mb = args.size * args.size * 3 / 2**20
     result = {
-        "benchmark": "wsi-predict",
+        "benchmark": "wsi-predict" + ("-smoke" if args.smoke else ""),
         "device": s["device"] if "gpu" not in res else f"{s['device']} ({res['gpu']})",
         "cpu_threads": res["threads"],
         "backbone": args.backbone,
@@ -239,8 +270,7 @@ def main(argv=None) -> int:
     }
     if "gpu_peak_mb" in res:
         result["gpu_peak_mb"] = res["gpu_peak_mb"]
-    print(json.dumps(result))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ def test_manifest_with_bom_and_good_rows_is_accepted(tmp_path, capsys):
 
 
 def test_binary_file_as_manifest(tmp_path, capsys):
-    data = make_data(tmp_path / "data", n=1)
+    make_data(tmp_path / "data", n=1)
     bogus = tmp_path / "data.csv"
     bogus.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00garbage")
     rc, err = train(bogus, tmp_path, capsys)
@@ -489,3 +489,64 @@ def test_training_on_converted_images_succeeds(tmp_path, capsys):
     assert images[i, 0, 0].tolist() == [255, 255, 255]  # transparent corner cached as white
     j = names.index(str(data / "train" / "pos" / "train_p0.png"))
     assert (images[j, ..., 0] == images[j, ..., 1]).all() and (images[j, ..., 1] == images[j, ..., 2]).all()
+
+
+@pytest.mark.parametrize("input_size", ["abc", 1.5, -5])
+def test_evaluate_rejects_model_metadata_with_a_bad_input_size(tmp_path, capsys, vgg_state, input_size):
+    data = make_data(tmp_path / "data", n=1)
+    state = {k: v.detach().clone() for k, v in vgg_state.state_dict().items()}
+    model = _model_file(tmp_path / "odd.safetensors", state, {"input_size": input_size})
+    capsys.readouterr()
+    rc = main(["evaluate", str(model), str(data), "--out", str(tmp_path / "ev"), "--cache-dir",
+               str(tmp_path / "cache"), "--quiet"])
+    line = assert_clean_failure(rc, capsys.readouterr().err, [str(model), "input_size"], ["--input-size"], tmp_path)
+    assert "--tile-size" not in line
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "cache").exists()
+
+
+def test_evaluate_never_replaces_a_training_runs_results(tmp_path, capsys, vgg_state):
+    from ikdmil.models.checkpoint import save_model
+
+    data = make_data(tmp_path / "data", n=1)
+    run = tmp_path / "somerun"
+    run.mkdir()
+    (run / "config.yaml").write_text("lr: 1.0e-3\n")
+    (run / "results.json").write_text('{"models": {}}')
+    model = save_model(vgg_state, run / "model.safetensors", input_size=32)
+    capsys.readouterr()
+    rc = main(["evaluate", str(model), str(data), "--out", str(run), "--cache-dir", str(tmp_path / "cache"),
+               "--quiet"])
+    assert_clean_failure(rc, capsys.readouterr().err, [str(run), "results.json"], ["choose another --out"], tmp_path)
+    assert (run / "results.json").read_text() == '{"models": {}}'
+
+
+# ----------------------------------------------------------------- file names and huge headers (issue 13)
+def test_a_symlink_loop_in_the_dataset_is_one_line(tmp_path, capsys):
+    data = make_data(tmp_path / "data")
+    loop = data / "train" / "pos" / "loop.png"
+    loop.symlink_to(loop)
+    rc, err = train(data, tmp_path, capsys)
+    assert_clean_failure(rc, err, [str(loop)], ["symbolic link"], tmp_path)
+
+
+def test_a_non_utf8_file_name_in_the_dataset_is_one_line(tmp_path, capsys):
+    import os
+
+    data = make_data(tmp_path / "data")
+    bad = os.fsencode(data / "train" / "neg") + b"/caf\xe9.png"
+    with open(bad, "wb") as fh:
+        fh.write((data / "train" / "neg" / "train_n0.png").read_bytes())
+    rc, err = train(data, tmp_path, capsys)
+    assert_clean_failure(rc, err, ["caf\\xe9.png"], ["utf-8"], tmp_path)
+
+
+def test_a_tiny_file_claiming_a_huge_image_is_refused_before_decoding(tmp_path, capsys):
+    data = make_data(tmp_path / "data")
+    bomb = data / "train" / "pos" / "bomb.png"
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+                     + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + struct.pack(">I", 0) + b"IEND"
+                     + struct.pack(">I", zlib.crc32(b"IEND")))
+    rc, err = train(data, tmp_path, capsys)
+    line = assert_clean_failure(rc, err, [str(bomb), "30000 x 30000"], ["ikdmil_max_image_pixels"], tmp_path)
+    assert "limit" in line

@@ -12,13 +12,20 @@ Conversions we do on purpose (documented in the README):
 Masks must hold exactly two values, 0 and 255 or 0 and 1 (a single value is fine); anything else is
 rejected, because guessing a threshold silently changes what the model is scored against.
 
+Patches and masks larger than `max_image_pixels()` (Pillow's own default, 89 Mpx, unless the
+environment variable ``IKDMIL_MAX_IMAGE_PIXELS`` says otherwise) are refused before any pixel is
+decoded: a 109-byte file may claim 30000 x 30000 px, and a really large image is a slide, which
+`ikdmil predict` reads tile by tile.
+
 Every problem is an `IkdmilError` whose one-line message names the file and says what to do.
 """
 
 from __future__ import annotations
 
 import os
+import logging
 import shutil
+import socket
 import tempfile
 import zlib
 from contextlib import contextmanager
@@ -30,7 +37,27 @@ from PIL import Image, UnidentifiedImageError
 
 from ikdmil.errors import IkdmilError
 
-Image.MAX_IMAGE_PIXELS = None  # large histology tiles are normal; we never open whole slides here
+log = logging.getLogger(__name__)
+
+MAX_PIXELS_ENV = "IKDMIL_MAX_IMAGE_PIXELS"
+# Pillow's global guard is off (slides are legitimately huge and are read by the slide reader); patches
+# and masks get our own limit in open_image, with a message that says what to do.
+Image.MAX_IMAGE_PIXELS = None
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb warning limit (~9459 x 9459 px)
+
+
+def max_image_pixels() -> int:
+    """The largest patch or mask (in pixels) we decode whole; set by IKDMIL_MAX_IMAGE_PIXELS."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(float(raw))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise IkdmilError(f"{MAX_PIXELS_ENV}={raw!r}: expected a positive number of pixels, e.g. 200000000")
+    return value
 
 
 def chmod_default(path: str | os.PathLike, mode: int) -> None:
@@ -40,15 +67,82 @@ def chmod_default(path: str | os.PathLike, mode: int) -> None:
     os.chmod(path, mode & ~umask)
 
 
+def _owner_tag() -> str:
+    """``HOST-PID``: put into every temporary name, so a later run can tell an abandoned one (its process
+    is gone) from one that another live process is still writing."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def temp_prefix(target: str | os.PathLike, hidden: bool = True) -> str:
+    """The name prefix of temporary files and folders written for `target` by this process."""
+    return f"{'.' if hidden else ''}{Path(target).name}.tmp-{_owner_tag()}-"
+
+
+def make_temp_dir(target: str | os.PathLike, hidden: bool = True) -> Path:
+    """A new temporary folder beside `target`, to be renamed onto it when complete."""
+    target = Path(target)
+    return Path(tempfile.mkdtemp(prefix=temp_prefix(target, hidden), dir=target.parent))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files and folders in `folder` left by killed ikdmil processes of this host.
+
+    Only names written by `atomic_path` / `make_temp_dir` whose process no longer runs are removed; a
+    temporary of a live process (a concurrent run) or of another host (a shared disk) is left alone.
+    Each command calls this on the folders it writes, so a kill never leaves full-size memory maps
+    behind for good. Returns what was removed.
+    """
+    folder = Path(folder)
+    host = _owner_tag().rsplit("-", 1)[0]
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if ".tmp-" not in name:
+            continue
+        owner = name.split(".tmp-", 1)[1].split("-")
+        if len(owner) < 3 or owner[0] != host or not owner[1].isdigit():
+            continue
+        if int(owner[1]) == os.getpid() or _pid_alive(int(owner[1])):
+            continue
+        path = Path(entry.path)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by an interrupted run", folder, len(removed))
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds.
 
-    Readers never see a half-written file, and an interrupted run leaves no partial output.
+    Readers never see a half-written file, and an interrupted run leaves no partial output (a kill
+    leaves a temporary named by `temp_prefix`, which `remove_stale_temps` clears on the next run).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -106,8 +200,17 @@ def open_image(path: Path) -> Image.Image:
         raise IkdmilError(f"{path}: file not found; check the path in the manifest or folder")
     if path.is_dir():
         raise IkdmilError(f"{path}: is a folder, not an image; check the path in the manifest or folder")
+    limit = max_image_pixels()
     try:
-        img = Image.open(path)
+        img = Image.open(path)  # reads the header only
+        width, height = img.size
+        if width * height > limit:
+            img.close()
+            raise IkdmilError(
+                f"{path}: image header says {width} x {height} px ({width * height / 1e6:.0f} Mpx), above the "
+                f"{limit / 1e6:.0f} Mpx limit for patches and masks; segment a large image as a slide with "
+                f"ikdmil predict, or raise the limit with {MAX_PIXELS_ENV}=N"
+            )
         img.load()  # forces a full decode, so truncated files fail here and not mid-epoch
     except PermissionError as exc:
         raise IkdmilError(f"{path}: cannot open ({one_line(exc)}); make the file readable") from None

@@ -210,11 +210,16 @@ def dark_detector_model(path, input_size: int = 64, **meta) -> Path:
 
 def vgg_model(path, input_size: int = 64, seed: int = 0, gain: float = 8.0) -> Path:
     """A random-init vgg16 MIL model whose side logits are scaled up, so its maps vary with the image."""
+    return random_model(path, "vgg16", input_size, seed, gain)
+
+
+def random_model(path, backbone: str, input_size: int = 64, seed: int = 0, gain: float = 8.0) -> Path:
+    """A random-init MIL model of any registered backbone, side logits scaled by `gain` (maps that vary)."""
     from ikdmil.models import create_model
     from ikdmil.models.checkpoint import save_model
 
     torch.manual_seed(seed)
-    model, _ = create_model("vgg16", pretrained="none")
+    model, _ = create_model(backbone, pretrained="none")
     with torch.no_grad():
         for head in model.side_heads:
             head.weight.mul_(gain)

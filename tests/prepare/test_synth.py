@@ -205,3 +205,25 @@ def test_dataset_unwritable_output_is_a_clear_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(IkdmilError, match="cannot write"):
         make_synthetic_dataset(blocker / "out", n=6, size=32, progress=False)
+
+
+def test_synth_never_writes_into_another_dataset(tmp_path):
+    from ikdmil.errors import IkdmilError
+    from ikdmil.prepare.synth import make_synthetic_dataset
+
+    out = tmp_path / "data"
+    make_synthetic_dataset(out, n=12, seed=1, size=32, progress=False)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # the same parameters again: allowed, and nothing changes
+    make_synthetic_dataset(out, n=12, seed=1, size=32, progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # other parameters, or a folder of someone else's files: refused, nothing touched
+    with pytest.raises(IkdmilError, match="another synthetic dataset"):
+        make_synthetic_dataset(out, n=14, seed=2, size=32, progress=False)
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(IkdmilError, match="not a synthetic dataset"):
+        make_synthetic_dataset(other, n=12, seed=1, size=32, progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]

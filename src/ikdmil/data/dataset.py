@@ -13,7 +13,6 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ikdmil.io import read_mask, read_rgb
+from ikdmil.io import make_temp_dir, read_mask, read_rgb, remove_stale_temps
 from ikdmil.data.manifest import Sample, samples_digest
 from ikdmil.errors import IkdmilError
 
@@ -136,7 +135,8 @@ def _allocate(path: Path, dtype, shape: tuple) -> np.ndarray:
 def _build_entry(samples: list[Sample], size: int, cache_dir: Path, folder: Path, progress: bool, desc: str) -> None:
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=cache_dir))
+        remove_stale_temps(cache_dir)
+        tmp = make_temp_dir(folder)
     except OSError as exc:
         raise _write_error(cache_dir, exc) from None
     try:

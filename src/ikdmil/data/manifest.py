@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from ikdmil.io import write_text
+from ikdmil.io import one_line, write_text
 from ikdmil.errors import IkdmilError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -98,7 +101,11 @@ def read_manifest(path: str | os.PathLike) -> list[Sample]:
                         f"{path}:{line}: split must be one of {', '.join(SPLITS)}, got {split!r}; fix the split column"
                     )
                 mask_s = row.get("mask", "")
-                samples.append(Sample(root / image, int(label), root / mask_s if mask_s else None, split))
+                sample = Sample(root / image, int(label), root / mask_s if mask_s else None, split)
+                for file in (sample.image, sample.mask):
+                    if file is not None:
+                        check_file_name(file)
+                samples.append(sample)
     except UnicodeDecodeError as exc:
         raise IkdmilError(
             f"{path}: not a text CSV file ({exc.reason} at byte {exc.start}); give a UTF-8 manifest CSV or a "
@@ -110,7 +117,41 @@ def read_manifest(path: str | os.PathLike) -> list[Sample]:
         raise IkdmilError(f"{path}: cannot read manifest ({' '.join(str(exc).split())}); check the file") from None
     if not samples:
         raise IkdmilError(f"{path}: manifest has no rows; add one line per image")
+    _note_paths_outside(samples, path)
     return samples
+
+
+def _outside(file: Path, root: Path) -> bool:
+    try:
+        file.resolve().relative_to(root.resolve())
+        return False
+    except ValueError:
+        return True
+
+
+def _note_paths_outside(samples: list[Sample], manifest: Path) -> None:
+    """Absolute or ``../`` paths are allowed (a shared image store is common), but said once, because a
+    dataset copied elsewhere would then silently read files that are not part of it."""
+    root = manifest.parent
+    files = [f for s in samples for f in (s.image, s.mask) if f is not None]
+    outside = [f for f in files if _outside(f, root)]
+    if outside:
+        log.warning("%s: %d of %d file path(s) lie outside the manifest's folder (e.g. %s); they are read as given",
+                    manifest, len(outside), len(files), outside[0])
+
+
+def check_file_name(path: Path) -> None:
+    """Refuse, with one line naming the file, what would break later in a traceback: a symbolic link
+    that loops, and a name that is not valid UTF-8 (it cannot be written to manifests or JSON)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise IkdmilError(f"{shown}: file name is not valid UTF-8; rename the file (e.g. convmv -f latin1 -t utf8)") from None
+    try:
+        path.resolve(strict=False)
+    except (RuntimeError, OSError) as exc:  # RuntimeError: "Symlink loop" (Python < 3.13), OSError: ELOOP
+        raise IkdmilError(f"{path}: symbolic link loops ({one_line(exc)}); remove it or point it at an image") from None
 
 
 def scan_folder(root: str | os.PathLike) -> list[Sample]:
@@ -128,6 +169,7 @@ def scan_folder(root: str | os.PathLike) -> list[Sample]:
             for img in sorted(folder.iterdir()):
                 if img.suffix.lower() not in IMAGE_SUFFIXES or img.name.startswith("."):
                     continue
+                check_file_name(img)
                 mask = next((m for m in (masks / (img.stem + ext) for ext in IMAGE_SUFFIXES) if m.is_file()), None)
                 samples.append(Sample(img, label, mask, split))
     if not samples:

@@ -10,7 +10,6 @@ from tqdm.auto import tqdm
 
 from ikdmil.data.dataset import CachedArrays
 from ikdmil.io import write_png
-from ikdmil.device import autocast
 from ikdmil.metrics import patch_scores, smooth_probability, summarize
 from ikdmil.visualize import overlay, side_by_side
 
@@ -19,13 +18,14 @@ from ikdmil.visualize import overlay, side_by_side
 def iter_fused(model, images: np.ndarray, device: torch.device, batch_size: int = 32, amp: bool = True,
                progress: bool = False, desc: str = "predicting"):
     """Yield (start, fused (b,1,S,S) tensor on `device`) over uint8 (N,S,S,3) images, model in eval mode."""
+    from ikdmil.inference.model import fused_forward
+
     was_training = model.training
     model.eval()
     try:
         for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
-            x = torch.from_numpy(np.array(images[start:start + batch_size])).to(device).permute(0, 3, 1, 2)
-            with autocast(device, amp):
-                yield start, model(x).fused
+            x = torch.from_numpy(np.array(images[start:start + batch_size])).permute(0, 3, 1, 2)
+            yield start, fused_forward(model, x, device, amp)
     finally:
         model.train(was_training)
 

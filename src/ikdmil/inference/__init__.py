@@ -1,7 +1,16 @@
-"""Segmenting slides and patch images with a trained model (`ikdmil predict`)."""
+"""Segmenting slides and patch images with a trained model (`ikdmil predict`).
 
-from ikdmil.inference.predict import BandStitcher, blend_window, gaussian_smooth, predict, slide_geometry
+Modules: `settings` (every option), `tiling` (geometry, blending window, band stitcher, tile
+dataset), `model` (loading, the eval-mode forward pass, smoothing), `slide` (one slide's outputs),
+`predict` (the batch driver, patch images, the report).
+"""
+
+from ikdmil.inference.model import LoadedModel, fused_forward, gaussian_smooth, load_for_inference
+from ikdmil.inference.predict import PredictReport, predict
 from ikdmil.inference.settings import DEFAULT_MODEL_MPP, PredictSettings
+from ikdmil.inference.slide import predict_slide
+from ikdmil.inference.tiling import BandStitcher, Geometry, blend_window, slide_geometry
 
-__all__ = ["DEFAULT_MODEL_MPP", "BandStitcher", "PredictSettings", "blend_window", "gaussian_smooth", "predict",
+__all__ = ["DEFAULT_MODEL_MPP", "BandStitcher", "Geometry", "LoadedModel", "PredictReport", "PredictSettings",
+           "blend_window", "fused_forward", "gaussian_smooth", "load_for_inference", "predict", "predict_slide",
            "slide_geometry"]

@@ -1,14 +1,43 @@
-"""`PredictSettings`: every option of `ikdmil predict`, with its defaults and its checks."""
+"""`PredictSettings`: every option of `ikdmil predict`, with its defaults and its checks.
+
+The command line is generated from the fields (see `ikdmil.config`): help, flags and bounds are in
+`PredictSettings.OPTIONS`; the tissue-detection fields (`TissueParams`) become `--tissue-*` options.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from ikdmil.errors import IkdmilError
+from ikdmil.config import Opt, check_settings
 from ikdmil.slide.tissue import TissueParams
 
 DEFAULT_MODEL_MPP = 0.5  # 20x: the resolution models are assumed to be trained at unless they say otherwise
+MAX_SLIDE_MPP = 20.0  # µm/px: coarser is a magnification or a screen dpi, not a slide's resolution
+
+
+def colour_problem(colour: tuple[int, int, int]) -> str | None:
+    return None if all(0 <= c <= 255 for c in colour) else f"give R,G,B with 0-255 each, got {list(colour)}"
+
+
+def device_problem(device: str) -> str | None:
+    ok = device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
+    return None if ok else f"must be auto, cpu, cuda or cuda:N (got {device!r})"
+
+
+def parse_colour(text: str) -> tuple[int, int, int]:
+    """'R,G,B' (0-255 each) or '#RRGGBB' as a tuple; ValueError saying what to write otherwise."""
+    t = text.strip()
+    try:
+        if t.startswith("#") and len(t) == 7:
+            return tuple(int(t[i:i + 2], 16) for i in (1, 3, 5))
+        parts = [int(v) for v in t.split(",")]
+        if len(parts) == 3 and all(0 <= v <= 255 for v in parts):
+            return tuple(parts)
+    except ValueError:
+        pass
+    raise ValueError(f"give R,G,B (0-255 each, e.g. 200,0,0) or #RRGGBB, got {text!r}")
 
 
 @dataclass
@@ -44,21 +73,41 @@ class PredictSettings:
         return d
 
     def validate(self) -> "PredictSettings":
-        checks = [
-            (self.out_stride >= 1, "--out-stride must be at least 1"),
-            (self.batch_size is None or self.batch_size >= 1, "--batch-size must be at least 1"),
-            (0.0 < self.threshold < 1.0, "--threshold must be in (0, 1)"),
-            (self.sigma >= 0, "--sigma must be >= 0"),
-            (0.0 <= self.min_tissue < 1.0, "--min-tissue must be in [0, 1)"),
-            (self.min_area_um2 >= 0, "--min-area must be >= 0"),
-            (self.mode in ("auto", "slide", "patch"), "--as must be auto, slide or patch"),
-            (self.model_mpp is None or self.model_mpp > 0, "--model-mpp must be positive"),
-            (self.mpp is None or self.mpp > 0, "--mpp must be positive"),
-            (self.thumbnail_size >= 16, "--thumbnail-size must be at least 16"),
-            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-             "--device must be auto, cpu or cuda"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise IkdmilError(msg)
-        return self
+        """Types and bounds of every field (tissue settings included); the error names the option."""
+        return check_settings(self)
+
+    # help, flags and bounds per field (`ikdmil.config.Opt`); the help says what the default means
+    OPTIONS: ClassVar[dict[str, Opt]] = {
+        "model_mpp": Opt(f"resolution the model was trained at, µm/px (default: the model file's, else "
+                         f"{DEFAULT_MODEL_MPP} = 20x)", above=0),
+        "mpp": Opt("the slides' resolution in µm per level-0 px, overriding (or standing in for missing) metadata",
+                   above=0, max=MAX_SLIDE_MPP,
+                   hint="give micrometres per pixel (0.25 at 40x, 0.5 at 20x), not a magnification"),
+        "tile_size": Opt("tile side in model px (default: the model's input size)", min=16),
+        "overlap": Opt("tile overlap in model px (default: a quarter of the tile)", min=0),
+        "out_stride": Opt("model px per probability-map px (the map is at model mpp x stride)", min=1),
+        "batch_size": Opt("tiles per forward pass (default: 4 on CPU, 32 on CUDA)", min=1),
+        "workers": Opt("tile-reading processes (default: automatic: 0 on a 2-core CPU, 1 with more cores, up to "
+                       "8 with CUDA)", min=-1),
+        "threshold": Opt("tumour when probability >= this", above=0, below=1),
+        "sigma": Opt("Gaussian smoothing of each tile's map, model px, as in evaluation (0 = off)",
+                     min=0),
+        "min_tissue": Opt("process a tile when its tissue fraction is above this (default: 0 = any tissue)",
+                          min=0, below=1),
+        "tissue": Opt("tissue detection (saturation threshold + morphology on an overview)"),
+        "tissue_mask": Opt("tissue mask instead of detection: an image (non-zero = tissue, any scale) or GeoJSON "
+                           "in level-0 px, or a folder of NAME.png / NAME.geojson per slide"),
+        "all_tissue": Opt("no tissue detection: process every tile"),
+        "min_area_um2": Opt("GeoJSON: drop polygons and fill holes smaller than this, µm²",
+                            flag="--min-area", min=0),
+        "class_name": Opt("GeoJSON classification name"),
+        "colour": Opt("GeoJSON classification colour R,G,B or #RRGGBB (default: 200,0,0)", parse=parse_colour,
+                      check=colour_problem, metavar="R,G,B"),
+        "thumbnail_size": Opt("overlay/heatmap PNG size", min=16),
+        "mode": Opt("auto: OpenSlide formats and plain images larger than --patch-max are slides, other images "
+                    "patches", flag="--as", choices=("auto", "slide", "patch")),
+        "patch_max": Opt("auto: largest patch image side", min=1),
+        "device": Opt("auto | cpu | cuda | cuda:N", check=device_problem),
+        "amp": Opt("bf16 autocast on CUDA"),
+        "overwrite": Opt("redo slides already done with the same settings (default: skip them)"),
+    }

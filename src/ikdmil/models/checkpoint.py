@@ -64,7 +64,22 @@ def read_model_meta(path: str | Path) -> dict:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", expect_backbone: str | None = None):
-    """Build the model the file was saved from and load its weights; returns (model, meta)."""
+    """Build the model a `.safetensors` file was saved from and load its weights.
+
+    Args:
+        path: a model file written by ``ikdmil train/run`` (or `save_model`).
+        device: where to put the model.
+        expect_backbone: refuse (one-line error) a file made for another backbone.
+
+    Returns:
+        ``(model, meta)``: the model with the file's weights, and the metadata stored with it
+        (``backbone``, ``input_size``, ``mpp`` when known, ``role``, ``val_score``, ...).
+
+    Example:
+        >>> model, meta = load_model("runs/glas/model.safetensors")
+        >>> meta["input_size"]
+        256
+    """
     from ikdmil.models import available_backbones, create_model
 
     path = Path(path)

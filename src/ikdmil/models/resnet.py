@@ -102,7 +102,7 @@ def _resnet_key(key: str) -> str | None:
 
 
 def _register(name: str, block, depths: tuple[int, int, int]) -> None:
-    @register_backbone(name)
+    @register_backbone(name, tile_invariant=True)
     def factory(pretrained: str | None = "imagenet"):
         from ikdmil.models.weights import load_renamed_state, read_state_dict, weights_file
 

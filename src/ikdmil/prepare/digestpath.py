@@ -22,6 +22,7 @@ and ``OUT/digestpath_summary.json``. Resumable (see `ikdmil.prepare.common`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import random
@@ -36,6 +37,8 @@ from ikdmil.io import open_image, read_rgb, write_png
 from ikdmil.prepare.common import ResumableOutput, format_counts, natural_key, save_patch_image
 from ikdmil.slide.tissue import TissueMap, TissueParams, detect_tissue, overview_downsample
 from ikdmil.errors import IkdmilError
+
+log = logging.getLogger(__name__)
 
 PREPARER_ID = "ikdmil.prepare.digestpath"
 SUMMARY_NAME = "digestpath_summary.json"
@@ -188,7 +191,21 @@ def _process(name: str, image: Path, mask_path: Path | None, split: str, opts: D
 
 def prepare_digestpath(images_dir: str | os.PathLike, masks_dir: str | os.PathLike, out: str | os.PathLike,
                        options: DigestPathOptions | None = None, progress: bool = True) -> Path:
-    """Build the DigestPath crop dataset (see the module docstring); returns OUT/manifest.csv."""
+    """Build the DigestPath crop dataset (see the module docstring); resumable image by image.
+
+    Args:
+        images_dir: the colonoscopy tissue images (positives and negatives).
+        masks_dir: the pixel masks of the positives (``NAME_mask.jpg``), the source of crop labels.
+        out: output folder (the ikdmil layout plus ``manifest.csv`` and a summary JSON).
+        options: crop size, µm/px, counts, tissue detection (`DigestPathOptions`).
+        progress: show progress bars.
+
+    Returns:
+        The path of ``OUT/manifest.csv``.
+
+    Example:
+        >>> prepare_digestpath("dp/tissue-train-pos", "dp/masks", "data/digestpath")
+    """
     opts = (options or DigestPathOptions()).validate()
     images_dir, masks_dir = Path(images_dir).absolute(), Path(masks_dir).absolute()
     items = _pair(images_dir, masks_dir)
@@ -220,6 +237,5 @@ def prepare_digestpath(images_dir: str | os.PathLike, masks_dir: str | os.PathLi
                      f"split by image (val {opts.val_fraction}, test {opts.test_fraction}, seed {opts.seed})"),
     }
     manifest = store.finish(records, summary)
-    if progress:
-        print(f"digestpath: {format_counts(records)}")
+    log.info("digestpath: %s", format_counts(records))
     return manifest

@@ -26,7 +26,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from ikdmil.io import read_rgb, replace_folder, write_png, write_text
+from ikdmil.io import make_temp_dir, read_rgb, remove_stale_temps, replace_folder, write_png, write_text
 from ikdmil.data.manifest import MANIFEST_NAME, Sample, write_manifest
 from ikdmil.errors import IkdmilError
 from ikdmil.prepare.common import natural_key
@@ -403,6 +402,37 @@ def _write_sample(record: _Record, split: str, root: Path) -> Sample:
     return Sample(image_out, record.label, mask_out, split)
 
 
+def _summary(samples: list[Sample], patients: dict[str, set[str]], src_path: Path, layout: str,
+             val_fraction: float, seed: int) -> dict:
+    """glas_summary.json: counts per split and class, the patients of each split, the protocol."""
+    counts = {
+        split: {
+            "pos": sum(1 for s in samples if s.split == split and s.label == 1),
+            "neg": sum(1 for s in samples if s.split == split and s.label == 0),
+        }
+        for split in ("train", "val", "test")
+    }
+    for c in counts.values():
+        c["total"] = c["pos"] + c["neg"]
+    summary = {
+        "preparer": PREPARER_ID,
+        "source": str(src_path),
+        "layout": layout,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "counts": counts,
+        "patients": {split: sorted(p, key=natural_key) for split, p in patients.items()},
+        "n_patients": {split: len(p) for split, p in patients.items()},
+        # GlaS's test set shares patients with its train set by design; this lists them openly.
+        "test_patients_also_in_train_or_val": sorted(
+            patients["test"] & (patients["train"] | patients["val"]), key=natural_key
+        ),
+        "protocol": "malignant -> pos with gland mask; benign -> neg with empty mask; "
+        "test = testA + testB; val taken from train by patient",
+    }
+    return summary
+
+
 def prepare_glas(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -416,6 +446,19 @@ def prepare_glas(
     empty mask; test = testA + testB; validation is ~val_fraction of train, chosen by patient from `seed`.
     Everything is written into a sibling temporary folder first and renamed to `out` at the end, so an
     error leaves `out` untouched. A non-empty `out` is only replaced if it is a previous GlaS preparation.
+
+    Args:
+        src: the official release (``train_1.bmp`` + ``Grade.csv``) or ``images/ labels/ index.csv``.
+        out: output folder.
+        val_fraction: share of the train patients held out for validation (model selection).
+        seed: which patients go to validation.
+        progress: show a progress bar.
+
+    Returns:
+        The path of ``OUT/manifest.csv``.
+
+    Example:
+        >>> prepare_glas("../shared/data/glas", "data/glas")
     """
     src_path = Path(src).absolute()
     out_path = Path(out).absolute()
@@ -431,7 +474,8 @@ def prepare_glas(
     val_patients = _choose_val_patients(train, float(val_fraction), int(seed), src_path)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out_path.name}.tmp-", dir=out_path.parent))
+    remove_stale_temps(out_path.parent)
+    tmp = make_temp_dir(out_path, hidden=False)
     try:
         for split in ("train", "val", "test"):
             for sub in ("pos", "neg", "masks"):
@@ -446,31 +490,7 @@ def prepare_glas(
         samples.sort(key=lambda s: (order[s.split], natural_key(s.image.stem)))
         write_manifest(samples, tmp / MANIFEST_NAME)
 
-        counts = {
-            split: {
-                "pos": sum(1 for s in samples if s.split == split and s.label == 1),
-                "neg": sum(1 for s in samples if s.split == split and s.label == 0),
-            }
-            for split in ("train", "val", "test")
-        }
-        for c in counts.values():
-            c["total"] = c["pos"] + c["neg"]
-        summary = {
-            "preparer": PREPARER_ID,
-            "source": str(src_path),
-            "layout": layout,
-            "val_fraction": float(val_fraction),
-            "seed": int(seed),
-            "counts": counts,
-            "patients": {split: sorted(p, key=natural_key) for split, p in patients.items()},
-            "n_patients": {split: len(p) for split, p in patients.items()},
-            # GlaS's test set shares patients with its train set by design; this lists them openly.
-            "test_patients_also_in_train_or_val": sorted(
-                patients["test"] & (patients["train"] | patients["val"]), key=natural_key
-            ),
-            "protocol": "malignant -> pos with gland mask; benign -> neg with empty mask; "
-            "test = testA + testB; val taken from train by patient",
-        }
+        summary = _summary(samples, patients, src_path, layout, float(val_fraction), int(seed))
         write_text(tmp / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
         _check_out(out_path.resolve(), src_path.resolve())  # the folder may have changed meanwhile
         replace_folder(tmp, out_path)

@@ -252,24 +252,12 @@ def _tumour_mask(rng: np.random.Generator, size: int, fraction: float) -> np.nda
     return mask
 
 
-def _glands(
-    rng: np.random.Generator,
-    size: int,
-    mask: np.ndarray,
-    H: np.ndarray,
-    E: np.ndarray,
-    white: np.ndarray,
-    nuclei: _Nuclei,
-    cover: float,
-) -> None:
-    """Draw normal glands (pale lumen, cytoplasm ring, evenly spaced basal nuclei) outside the mask.
-
-    Glands cover about `cover` of the tumour-free area, do not touch each other or the mask, and are
-    written into H, E (stain concentrations) and white (lumen) in place; their nuclei go to `nuclei`.
-    """
+def _place_glands(rng: np.random.Generator, size: int, mask: np.ndarray, cover: float):
+    """Gland ellipses (A, B, ang, gy, gx) covering about `cover` of the tumour-free area, touching
+    neither each other nor the mask; None when there is no room."""
     target = cover * float((~mask).sum())
     if target <= 0:
-        return
+        return None
     m = 64
     A = rng.uniform(11, 26, m)
     B = A * rng.uniform(0.55, 0.95, m)
@@ -293,10 +281,31 @@ def _glands(
         chosen.append(i)
         area += math.pi * A[i] * B[i]
     if not chosen:
-        return
+        return None
     g = np.array(chosen)
-    A, B, ang, gy, gx = A[g], B[g], ang[g], gy[g], gx[g]
-    n = len(g)
+    return A[g], B[g], ang[g], gy[g], gx[g]
+
+
+def _glands(
+    rng: np.random.Generator,
+    size: int,
+    mask: np.ndarray,
+    H: np.ndarray,
+    E: np.ndarray,
+    white: np.ndarray,
+    nuclei: _Nuclei,
+    cover: float,
+) -> None:
+    """Draw normal glands (pale lumen, cytoplasm ring, evenly spaced basal nuclei) outside the mask.
+
+    Glands cover about `cover` of the tumour-free area, do not touch each other or the mask, and are
+    written into H, E (stain concentrations) and white (lumen) in place; their nuclei go to `nuclei`.
+    """
+    placed = _place_glands(rng, size, mask, cover)
+    if placed is None:
+        return
+    A, B, ang, gy, gx = placed
+    n = len(A)
     lumen_r = rng.uniform(0.28, 0.45, n)
     cyto_e = rng.uniform(0.16, 0.26)
     cyto_h = rng.uniform(0.06, 0.10)
@@ -315,7 +324,12 @@ def _glands(
     H *= 1.0 - band
     H += band * np.float32(cyto_h)
     np.maximum(white, lum, out=white)
-    # basal nuclei: regular size, evenly spaced, elongated along the gland's radius
+    _basal_nuclei(rng, size, A, B, ang, gy, gx, lumen_r, nuclei)
+
+
+def _basal_nuclei(rng: np.random.Generator, size: int, A, B, ang, gy, gx, lumen_r, nuclei: _Nuclei) -> None:
+    """Basal nuclei of each gland: regular size, evenly spaced, elongated along the gland's radius."""
+    n = len(A)
     rn = lumen_r + rng.uniform(0.72, 0.8, n) * (1.0 - lumen_r)
     perim = math.pi * (3 * (A + B) - np.sqrt((3 * A + B) * (A + 3 * B))) * rn
     k = np.maximum((perim / rng.uniform(3.3, 3.8, n)).astype(np.int64), 6)
@@ -336,8 +350,6 @@ def _glands(
         radial[keep] + rng.normal(0, 0.08, m),
         rng.normal(1.05, 0.05, m),
     )
-
-
 def _sample_points(rng: np.random.Generator, allowed: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """n uniform random points (float y, x) inside the True pixels of `allowed`."""
     idx = np.flatnonzero(allowed)
@@ -352,28 +364,8 @@ def _sample_points(rng: np.random.Generator, allowed: np.ndarray, n: int) -> tup
 # public API
 
 
-def synth_image(
-    rng: np.random.Generator, size: int = 256, tumour_fraction: float = 0.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (size,size,3) RGB image and bool (size,size) exact tumour mask.
-
-    tumour_fraction 0 => negative (mask all False); 1 => the whole patch is tumour; in between, an
-    irregular region of about that fraction of the pixels. All randomness comes from `rng`.
-    """
-    size = int(size)
-    if size < MIN_SIZE:
-        raise IkdmilError(f"synthetic image size {size} px is too small; use {MIN_SIZE} px or more")
-    f = float(tumour_fraction)
-    if not 0.0 <= f <= 1.0:
-        raise IkdmilError(f"tumour_fraction must be between 0 and 1, got {tumour_fraction}")
-    S = size
-    shape = (S, S)
-
-    mask = _tumour_mask(rng, S, f)
-    normal = ~mask
-    has_normal = bool(normal.any())
-    has_tumour = bool(mask.any())
-
+def _stroma(rng: np.random.Generator, S: int):
+    """Stroma everywhere: (H, E, white, fib_angle, low, chrom) stain densities and shared fields."""
     # ---- stroma: eosin with collagen streaks, low-frequency variation, white clefts
     fib_angle = rng.uniform(0, math.pi)
     low = _noise(rng, S, rng.uniform(40, 90))
@@ -393,120 +385,128 @@ def synth_image(
     empty = rng.uniform(*((0.01, 0.06), (0.06, 0.16), (0.16, 0.3))[empty])
     white = np.clip((cleft - np.float32(ndtri(1.0 - empty))) * 2.5, 0.0, 1.0).astype(np.float32)
 
-    # ---- normal tissue (only drawn where the mask is False)
+    return H, E, white, fib_angle, low, chrom
+
+
+def _normal_tissue(rng: np.random.Generator, S: int, mask: np.ndarray, H: np.ndarray, E: np.ndarray,
+                   white: np.ndarray, fib_angle: float, chrom: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Normal tissue where `mask` is False: glands, lymphocytes, fibroblasts, sometimes an aggregate."""
+    normal = ~mask
     Hn, En, Wn = H.copy(), E.copy(), white.copy()
     nuc = _Nuclei()
-    if has_normal:
-        _glands(rng, S, mask, Hn, En, Wn, nuc, cover=rng.choice([0.0, rng.uniform(0.2, 0.55)], p=[0.1, 0.9]))
-        free = normal & (Wn < 0.3)
-        free_area = float(free.sum())
-        # lymphocytes: small, round, dark (some patches have inflamed stroma: many more of them)
-        n = rng.poisson(free_area * (rng.uniform(0.003, 0.007) if rng.random() < 0.15 else rng.uniform(0.0008, 0.003)))
-        y, x = _sample_points(rng, free, n)
-        r = rng.normal(2.5, 0.2, len(y))
-        nuc.add(y, x, r, r * rng.uniform(0.9, 1.0, len(y)), rng.uniform(0, math.pi, len(y)), rng.normal(1.35, 0.08, len(y)))
-        # fibroblasts: thin spindles along the collagen
-        n = rng.poisson(free_area * rng.uniform(0.0006, 0.0016))
-        y, x = _sample_points(rng, free, n)
-        nuc.add(
-            y,
-            x,
-            rng.uniform(3.8, 5.5, len(y)),
-            rng.uniform(1.0, 1.4, len(y)),
-            fib_angle + rng.normal(0, 0.2, len(y)),
-            rng.normal(1.0, 0.08, len(y)),
-        )
-        # sometimes a dense lymphoid aggregate: dark, crowded, but small and round and benign
-        if rng.random() < 0.4 and normal.mean() > 0.35:  # needs room; a sliver stays ordinary tissue
-            ay, ax = _sample_points(rng, free, 1)
-            if len(ay):
-                rad = rng.uniform(16, 40)
-                n = int(math.pi * rad * rad * 0.06)
-                d = rad * np.sqrt(rng.random(n))
-                t = rng.uniform(0, 2 * math.pi, n)
-                y, x = ay[0] + d * np.sin(t), ax[0] + d * np.cos(t)
-                ok = (y >= 0) & (y < S) & (x >= 0) & (x < S)
-                y, x = y[ok], x[ok]
-                iy, ix = _inside(S, y, x)
-                ok = normal[iy, ix]
-                y, x = y[ok], x[ok]
-                r = rng.normal(2.5, 0.2, len(y))
-                nuc.add(y, x, r, r * 0.95, rng.uniform(0, math.pi, len(y)), rng.normal(1.35, 0.08, len(y)))
-        cy, cx, a, b, th, dn = nuc.arrays()
-        if len(cy):
-            iy, ix = _inside(S, cy, cx)
+    _glands(rng, S, mask, Hn, En, Wn, nuc, cover=rng.choice([0.0, rng.uniform(0.2, 0.55)], p=[0.1, 0.9]))
+    free = normal & (Wn < 0.3)
+    free_area = float(free.sum())
+    # lymphocytes: small, round, dark (some patches have inflamed stroma: many more of them)
+    n = rng.poisson(free_area * (rng.uniform(0.003, 0.007) if rng.random() < 0.15 else rng.uniform(0.0008, 0.003)))
+    y, x = _sample_points(rng, free, n)
+    r = rng.normal(2.5, 0.2, len(y))
+    nuc.add(y, x, r, r * rng.uniform(0.9, 1.0, len(y)), rng.uniform(0, math.pi, len(y)), rng.normal(1.35, 0.08, len(y)))
+    # fibroblasts: thin spindles along the collagen
+    n = rng.poisson(free_area * rng.uniform(0.0006, 0.0016))
+    y, x = _sample_points(rng, free, n)
+    nuc.add(
+        y,
+        x,
+        rng.uniform(3.8, 5.5, len(y)),
+        rng.uniform(1.0, 1.4, len(y)),
+        fib_angle + rng.normal(0, 0.2, len(y)),
+        rng.normal(1.0, 0.08, len(y)),
+    )
+    # sometimes a dense lymphoid aggregate: dark, crowded, but small and round and benign
+    if rng.random() < 0.4 and normal.mean() > 0.35:  # needs room; a sliver stays ordinary tissue
+        ay, ax = _sample_points(rng, free, 1)
+        if len(ay):
+            rad = rng.uniform(16, 40)
+            n = int(math.pi * rad * rad * 0.06)
+            d = rad * np.sqrt(rng.random(n))
+            t = rng.uniform(0, 2 * math.pi, n)
+            y, x = ay[0] + d * np.sin(t), ax[0] + d * np.cos(t)
+            ok = (y >= 0) & (y < S) & (x >= 0) & (x < S)
+            y, x = y[ok], x[ok]
+            iy, ix = _inside(S, y, x)
             ok = normal[iy, ix]
-            cy, cx, a, b, th, dn = (v[ok] for v in (cy, cx, a, b, th, dn))
-        Hn = Hn * (1 - Wn)
-        En = En * (1 - Wn)
-        dsum, csum = _stamp(S, cy, cx, a, b, th, dn)
-        occ = np.minimum(csum, 1.0)
-        Hn = Hn * (1 - occ) + dsum * (1.0 + 0.08 * chrom)
-        En = En * (1 - 0.75 * occ)
+            y, x = y[ok], x[ok]
+            r = rng.normal(2.5, 0.2, len(y))
+            nuc.add(y, x, r, r * 0.95, rng.uniform(0, math.pi, len(y)), rng.normal(1.35, 0.08, len(y)))
+    cy, cx, a, b, th, dn = nuc.arrays()
+    if len(cy):
+        iy, ix = _inside(S, cy, cx)
+        ok = normal[iy, ix]
+        cy, cx, a, b, th, dn = (v[ok] for v in (cy, cx, a, b, th, dn))
+    Hn = Hn * (1 - Wn)
+    En = En * (1 - Wn)
+    dsum, csum = _stamp(S, cy, cx, a, b, th, dn)
+    occ = np.minimum(csum, 1.0)
+    Hn = Hn * (1 - occ) + dsum * (1.0 + 0.08 * chrom)
+    En = En * (1 - 0.75 * occ)
+    return Hn, En
 
-    # ---- tumour tissue (only drawn where the mask is True)
-    if has_tumour:
-        tl = _noise(rng, S, rng.uniform(10, 25))
-        Et = np.clip(rng.uniform(0.22, 0.32) * (1.0 + 0.15 * tl), 0.02, None).astype(np.float32)
-        Ht = np.clip(rng.uniform(0.06, 0.1) * (1.0 + 0.2 * tl), 0.0, None).astype(np.float32)
-        # thin strands of stroma running through the sheets
-        strand = np.clip(1.0 - np.abs(_noise(rng, S, rng.uniform(20, 40))) * rng.uniform(2.5, 5.0), 0, 1)
-        Et = Et * (1 - strand) + E * strand
-        Ht = Ht * (1 - strand) + H * strand
-        Wt = np.zeros(shape, np.float32)
-        # cribriform holes / gland remnants punched into the sheets, crowded by nuclei at their rims
-        n_holes = rng.poisson(float(mask.sum()) / 1000.0 * rng.uniform(0.2, 1.2))
-        hy, hx = _sample_points(rng, mask, n_holes)
-        ry, rx = np.zeros(0), np.zeros(0)
-        if len(hy):
-            hr = rng.uniform(3.0, 9.0, len(hy))
-            ones = np.ones(len(hy))
-            hole, _ = _stamp(S, hy, hx, hr, hr * rng.uniform(0.7, 1.0, len(hy)), rng.uniform(0, 3.2, len(hy)), ones)
-            Wt = np.maximum(Wt, np.minimum(hole, 1.0) * 0.95)
-            k = np.maximum((2 * math.pi * (hr + 4.5) / rng.uniform(9, 13, len(hy))).astype(np.int64), 2)
-            hid = np.repeat(np.arange(len(hy)), k)
-            t = rng.uniform(0, 2 * math.pi, len(hid))
-            d = hr[hid] + rng.uniform(3.5, 6.0, len(hid))
-            ry, rx = hy[hid] + d * np.sin(t), hx[hid] + d * np.cos(t)
-            ok = (ry >= 0) & (ry < S) & (rx >= 0) & (rx < S)
-            ry, rx = ry[ok], rx[ok]
-            ok = mask[_inside(S, ry, rx)]
-            ry, rx = ry[ok], rx[ok]
-        Ht = Ht * (1 - Wt)
-        Et = Et * (1 - Wt)
-        # crowded, large, pleomorphic, hyperchromatic nuclei in random orientations
-        cover = rng.uniform(0.22, 0.4)
-        mean_area = math.pi * 5.6 * 4.0
-        n = int(rng.poisson(float(mask.sum()) * cover / mean_area))
-        y, x = _sample_points(rng, mask & (Wt < 0.3), n)
-        y, x = np.concatenate([ry, y]), np.concatenate([rx, x])
-        n = len(y)
-        a = np.clip(rng.lognormal(math.log(5.6), 0.2, n), 3.8, 9.5)
-        b = a * rng.uniform(0.5, 0.9, n)
-        irr = np.stack(
-            [rng.uniform(0, 0.14, n), rng.uniform(0, 0.1, n), rng.uniform(0, 6.3, n), rng.uniform(0, 6.3, n)], 1
-        )
-        dn = np.clip(rng.normal(1.05, 0.2, n), 0.7, 1.6)
-        dsum, csum = _stamp(S, y, x, a, b, rng.uniform(0, math.pi, n), dn, irr, rim=0.3)
-        # prominent nucleoli in some nuclei
-        sel = rng.random(n) < 0.4
-        if sel.any():
-            m = int(sel.sum())
-            ny = y[sel] + rng.normal(0, 1.0, m)
-            nx = x[sel] + rng.normal(0, 1.0, m)
-            ok = (ny >= 0) & (ny < S) & (nx >= 0) & (nx < S)
-            rr = rng.uniform(0.9, 1.4, int(ok.sum()))
-            d2, _ = _stamp(S, ny[ok], nx[ok], rr, rr, np.zeros(len(rr)), np.full(len(rr), 0.7))
-            dsum += d2 * (csum > 0.5)
-        occ = np.minimum(csum, 1.0)
-        Ht = Ht * (1 - occ) + dsum * (1.0 + 0.22 * chrom)
-        Et = Et * (1 - 0.8 * occ)
-        H = np.where(mask, Ht, Hn)
-        E = np.where(mask, Et, En)
-    else:
-        H, E = Hn, En
 
-    # ---- optics: a little blur, per-image stain jitter, Beer–Lambert, sensor noise
+def _tumour_tissue(rng: np.random.Generator, S: int, mask: np.ndarray, H: np.ndarray, E: np.ndarray,
+                   chrom: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tumour where `mask` is True: stroma strands, cribriform holes, crowded pleomorphic nuclei."""
+    shape = (S, S)
+    tl = _noise(rng, S, rng.uniform(10, 25))
+    Et = np.clip(rng.uniform(0.22, 0.32) * (1.0 + 0.15 * tl), 0.02, None).astype(np.float32)
+    Ht = np.clip(rng.uniform(0.06, 0.1) * (1.0 + 0.2 * tl), 0.0, None).astype(np.float32)
+    # thin strands of stroma running through the sheets
+    strand = np.clip(1.0 - np.abs(_noise(rng, S, rng.uniform(20, 40))) * rng.uniform(2.5, 5.0), 0, 1)
+    Et = Et * (1 - strand) + E * strand
+    Ht = Ht * (1 - strand) + H * strand
+    Wt = np.zeros(shape, np.float32)
+    # cribriform holes / gland remnants punched into the sheets, crowded by nuclei at their rims
+    n_holes = rng.poisson(float(mask.sum()) / 1000.0 * rng.uniform(0.2, 1.2))
+    hy, hx = _sample_points(rng, mask, n_holes)
+    ry, rx = np.zeros(0), np.zeros(0)
+    if len(hy):
+        hr = rng.uniform(3.0, 9.0, len(hy))
+        ones = np.ones(len(hy))
+        hole, _ = _stamp(S, hy, hx, hr, hr * rng.uniform(0.7, 1.0, len(hy)), rng.uniform(0, 3.2, len(hy)), ones)
+        Wt = np.maximum(Wt, np.minimum(hole, 1.0) * 0.95)
+        k = np.maximum((2 * math.pi * (hr + 4.5) / rng.uniform(9, 13, len(hy))).astype(np.int64), 2)
+        hid = np.repeat(np.arange(len(hy)), k)
+        t = rng.uniform(0, 2 * math.pi, len(hid))
+        d = hr[hid] + rng.uniform(3.5, 6.0, len(hid))
+        ry, rx = hy[hid] + d * np.sin(t), hx[hid] + d * np.cos(t)
+        ok = (ry >= 0) & (ry < S) & (rx >= 0) & (rx < S)
+        ry, rx = ry[ok], rx[ok]
+        ok = mask[_inside(S, ry, rx)]
+        ry, rx = ry[ok], rx[ok]
+    Ht = Ht * (1 - Wt)
+    Et = Et * (1 - Wt)
+    # crowded, large, pleomorphic, hyperchromatic nuclei in random orientations
+    cover = rng.uniform(0.22, 0.4)
+    mean_area = math.pi * 5.6 * 4.0
+    n = int(rng.poisson(float(mask.sum()) * cover / mean_area))
+    y, x = _sample_points(rng, mask & (Wt < 0.3), n)
+    y, x = np.concatenate([ry, y]), np.concatenate([rx, x])
+    n = len(y)
+    a = np.clip(rng.lognormal(math.log(5.6), 0.2, n), 3.8, 9.5)
+    b = a * rng.uniform(0.5, 0.9, n)
+    irr = np.stack(
+        [rng.uniform(0, 0.14, n), rng.uniform(0, 0.1, n), rng.uniform(0, 6.3, n), rng.uniform(0, 6.3, n)], 1
+    )
+    dn = np.clip(rng.normal(1.05, 0.2, n), 0.7, 1.6)
+    dsum, csum = _stamp(S, y, x, a, b, rng.uniform(0, math.pi, n), dn, irr, rim=0.3)
+    # prominent nucleoli in some nuclei
+    sel = rng.random(n) < 0.4
+    if sel.any():
+        m = int(sel.sum())
+        ny = y[sel] + rng.normal(0, 1.0, m)
+        nx = x[sel] + rng.normal(0, 1.0, m)
+        ok = (ny >= 0) & (ny < S) & (nx >= 0) & (nx < S)
+        rr = rng.uniform(0.9, 1.4, int(ok.sum()))
+        d2, _ = _stamp(S, ny[ok], nx[ok], rr, rr, np.zeros(len(rr)), np.full(len(rr), 0.7))
+        dsum += d2 * (csum > 0.5)
+    occ = np.minimum(csum, 1.0)
+    Ht = Ht * (1 - occ) + dsum * (1.0 + 0.22 * chrom)
+    Et = Et * (1 - 0.8 * occ)
+    return Ht, Et
+
+
+def _optics(rng: np.random.Generator, H: np.ndarray, E: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """Stain densities to RGB: a little blur, per-image stain jitter, Beer-Lambert, sensor noise."""
     H = np.minimum(H, 3.5)
     blur = rng.uniform(0.45, 0.9)
     H = ndimage.gaussian_filter(H, blur)
@@ -526,7 +526,35 @@ def synth_image(
     rgb *= i0.astype(np.float32)
     grain = rng.random(rgb.shape, dtype=np.float32) - np.float32(0.5)
     rgb += grain * np.float32(rng.uniform(3.5, 10.0))  # sensor noise, uniform with std 1-3 levels
-    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8), mask
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+def synth_image(
+    rng: np.random.Generator, size: int = 256, tumour_fraction: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (size,size,3) RGB image and bool (size,size) exact tumour mask.
+
+    tumour_fraction 0 => negative (mask all False); 1 => the whole patch is tumour; in between, an
+    irregular region of about that fraction of the pixels. All randomness comes from `rng`.
+    """
+    size = int(size)
+    if size < MIN_SIZE:
+        raise IkdmilError(f"synthetic image size {size} px is too small; use {MIN_SIZE} px or more")
+    f = float(tumour_fraction)
+    if not 0.0 <= f <= 1.0:
+        raise IkdmilError(f"tumour_fraction must be between 0 and 1, got {tumour_fraction}")
+    S = size
+
+    mask = _tumour_mask(rng, S, f)
+    has_normal = bool((~mask).any())
+    has_tumour = bool(mask.any())
+
+    H, E, white, fib_angle, low, chrom = _stroma(rng, S)
+    Hn, En = _normal_tissue(rng, S, mask, H, E, white, fib_angle, chrom) if has_normal else (H.copy(), E.copy())
+    if has_tumour:
+        Ht, Et = _tumour_tissue(rng, S, mask, H, E, chrom)
+        H, E = np.where(mask, Ht, Hn), np.where(mask, Et, En)
+    else:
+        H, E = Hn, En
+    return _optics(rng, H, E, low), mask
 
 
 def _split_plan(n: int, val_fraction: float, test_fraction: float, pos_fraction: float) -> list[tuple[str, int]]:
@@ -558,26 +586,8 @@ def _write_pair(img_path: Path, image: np.ndarray, mask_path: Path, mask: np.nda
     write_png(mask_path, mask)
 
 
-def make_synthetic_dataset(
-    out,
-    n: int = 240,
-    seed: int = 0,
-    size: int = 256,
-    val_fraction: float = 0.2,
-    test_fraction: float = 0.2,
-    pos_fraction: float = 0.5,
-    progress: bool = True,
-) -> Path:
-    """Write out/{train,val,test}/{pos,neg,masks}/NAME.png and out/manifest.csv; return the manifest path.
-
-    Every image has a mask (0/255 PNG; all zero for negatives). Image i is generated from
-    ``np.random.default_rng([seed, i])``, so the output is deterministic by seed and does not depend
-    on the order of generation. Each split gets at least two images and at least one of each class;
-    positives get tumour fractions from small foci (~4%) to whole patches (100%), handed out in turn
-    within each split. Also writes out/synth.json with the generator parameters; the manifest is
-    written last. Files of the same name are overwritten; other files in `out` are left alone (the
-    manifest lists exactly this dataset).
-    """
+def _checked_params(n, seed, size, val_fraction, test_fraction, pos_fraction) -> dict:
+    """The generator parameters as written to synth.json, after checking each (one-line errors)."""
     try:
         n = int(n)
         seed = int(seed)
@@ -604,19 +614,39 @@ def make_synthetic_dataset(
         )
     if not 0.0 < pos_fraction < 1.0:
         raise IkdmilError(f"pos_fraction must be between 0 and 1 (exclusive), got {pos_fraction}")
+    return {"generator": "ikdmil.prepare.synth", "version": GENERATOR_VERSION, "seed": seed, "n": n, "size": size,
+            "val_fraction": val_fraction, "test_fraction": test_fraction, "pos_fraction": pos_fraction}
 
-    plan = _split_plan(n, val_fraction, test_fraction, pos_fraction)
+
+def make_synthetic_dataset(
+    out,
+    n: int = 240,
+    seed: int = 0,
+    size: int = 256,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    pos_fraction: float = 0.5,
+    progress: bool = True,
+) -> Path:
+    """Write out/{train,val,test}/{pos,neg,masks}/NAME.png and out/manifest.csv; return the manifest path.
+
+    Every image has a mask (0/255 PNG; all zero for negatives). Image i is generated from
+    ``np.random.default_rng([seed, i])``, so the output is deterministic by seed and does not depend
+    on the order of generation. Each split gets at least two images and at least one of each class;
+    positives get tumour fractions from small foci (~4%) to whole patches (100%), handed out in turn
+    within each split. Also writes out/synth.json with the generator parameters; the manifest is
+    written last. `out` must be new, empty, or hold this very dataset (same parameters, so rewriting it
+    changes nothing); anything else is refused, so two datasets are never mixed.
+
+    Example:
+        >>> make_synthetic_dataset("data/synth", n=240, seed=0, size=256)
+        PosixPath('data/synth/manifest.csv')
+    """
+    params = _checked_params(n, seed, size, val_fraction, test_fraction, pos_fraction)
+    n, seed, size = params["n"], params["seed"], params["size"]
+    plan = _split_plan(n, params["val_fraction"], params["test_fraction"], params["pos_fraction"])
     out = Path(out)
-    params = {
-        "generator": "ikdmil.prepare.synth",
-        "version": GENERATOR_VERSION,
-        "seed": seed,
-        "n": n,
-        "size": size,
-        "val_fraction": val_fraction,
-        "test_fraction": test_fraction,
-        "pos_fraction": pos_fraction,
-    }
+    _check_target(out, params)
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "synth.json", json.dumps(params, indent=2) + "\n")
@@ -625,6 +655,25 @@ def make_synthetic_dataset(
         return write_manifest(samples, out / MANIFEST_NAME)
     except OSError as exc:
         raise IkdmilError(f"{out}: cannot write the synthetic dataset ({exc}); choose a writable folder") from None
+
+
+def _check_target(out: Path, params: dict) -> None:
+    """Write only into a new or empty folder, or over the same synthetic dataset (same parameters:
+    the files come out identical). Anything else would overwrite same-named files of another dataset
+    and leave its other files unlisted."""
+    if out.exists() and not out.is_dir():
+        raise IkdmilError(f"{out}: is a file, not a folder; choose a new folder for the synthetic dataset")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        previous = json.loads((out / "synth.json").read_text())
+    except (OSError, ValueError):
+        previous = None
+    if previous != params:
+        what = "another synthetic dataset" if isinstance(previous, dict) else "files that are not a synthetic dataset"
+        raise IkdmilError(
+            f"{out}: folder holds {what}; choose a new or empty folder (synth never mixes two datasets in one)"
+        )
 
 
 def _write_images(out: Path, plan: list[tuple[str, int]], seed: int, size: int, progress: bool) -> list[Sample]:

@@ -211,7 +211,31 @@ def _resolve_mpp(found: tuple[float, float] | None, override: float | None):
 
 
 def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
-    """Open a slide or a plain image; a one-line IkdmilError when it is missing, corrupt or unsupported."""
+    """Open a slide or a plain image; a one-line IkdmilError when it is missing, corrupt or unsupported.
+
+    OpenSlide is tried first (every format it knows, see the module docstring); a file it does not
+    recognise but whose suffix is a plain image (`PLAIN_SUFFIXES`) is decoded into an `ImageSlide`.
+
+    Args:
+        path: the slide file (for multi-file formats such as MRXS, the main file).
+        mpp: µm per level-0 pixel, overriding the slide's metadata (e.g. 0.25 for a 40x scan); None:
+            from the metadata, and `Slide.mpp` stays None when the metadata has none (or an
+            implausible value: see `MAX_PLAUSIBLE_MPP`).
+
+    Returns:
+        A `Slide` (`OpenSlideSlide` or `ImageSlide`), usable as a context manager that closes it.
+
+    Raises:
+        IkdmilError: the file is missing, a folder, corrupt, truncated or in an unsupported format,
+            or `mpp` is not a plausible resolution; the message names the file and the fix.
+
+    Example:
+        >>> with open_slide("case1.svs") as slide:
+        ...     slide.dimensions, slide.mpp, slide.level_downsamples
+        ((98304, 71680), (0.2527, 0.2527), (1.0, 4.0, 16.0, 32.0))
+        >>> with open_slide("scan.png", mpp=0.5) as slide:
+        ...     tile = read_scaled(slide, (0, 0, 512, 512), (256, 256))  # uint8 (256, 256, 3) at 1 µm/px
+    """
     path = Path(path)
     if not path.exists():
         raise IkdmilError(f"{path}: file not found; check the path")

@@ -20,10 +20,12 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
 
+from ikdmil.config import Opt, check_settings
 from ikdmil.errors import IkdmilError
 
 
@@ -39,6 +41,21 @@ class TissueParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def validate(self) -> "TissueParams":
+        return check_settings(self, "tissue-")
+
+    # command-line help and bounds (`ikdmil.config.Opt`); predict and prepare show them as --tissue-NAME
+    OPTIONS: ClassVar[dict[str, Opt]] = {
+        "mpp": Opt("overview resolution, µm/px", above=0),
+        "threshold": Opt("fixed saturation threshold (default: Otsu clamped to [min-threshold, max-threshold])",
+                         min=0, max=1),
+        "min_threshold": Opt("lower clamp of Otsu's threshold", min=0, max=1),
+        "max_threshold": Opt("upper clamp of Otsu's threshold", min=0, max=1),
+        "close_um": Opt("closing radius, µm", min=0),
+        "min_object_um2": Opt("drop tissue pieces smaller than this, µm²", min=0),
+        "max_hole_um2": Opt("fill holes smaller than this, µm²", min=0),
+    }
 
 
 @dataclass

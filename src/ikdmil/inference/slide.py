@@ -1,0 +1,345 @@
+"""One slide's outputs: tiles through the model, stitched into maps, written as TIFF, GeoJSON and PNGs.
+
+Slides (and plain images larger than `PredictSettings.patch_max`) are processed in model space, the
+slide resampled to the model's training resolution (`model_mpp`, µm/px):
+
+1. tissue is found on an overview (~8 µm/px; see `ikdmil.slide.tissue`) or taken from a user mask;
+2. tiles of `tile_size` model pixels on a grid with `overlap` are kept when they hold tissue (for
+   backbones registered as tile-invariant, when neither is set: large tiles whose overlap covers the
+   receptive field, see `ikdmil.inference.tiling`), read in
+   DataLoader worker processes from the nearest finer pyramid level and downsampled to the model
+   resolution, and run through the model in batches (bf16 autocast on CUDA);
+3. each tile's fused map is optionally smoothed (`sigma`, as in evaluation), averaged down by
+   `out_stride`, weighted by a window that ramps linearly over the overlap, and accumulated into a
+   rolling band of rows; rows that no later tile can reach are normalised (sum / weight sum: no seams)
+   and written to a uint8 memory-mapped map on disk. Nothing is ever held at level 0, and the only
+   full-size arrays are the uint8 probability and mask maps at output resolution (memory-mapped);
+4. outputs per slide (folder OUT/NAME/, written to a temporary folder and renamed when complete):
+   ``probability.tif`` (tiled pyramidal TIFF, uint8 = probability x 255, with mpp tags),
+   ``mask.tif`` (same geometry, 0/255: probability >= threshold inside tissue), ``tumour.geojson``
+   (QuPath annotations, level-0 pixel coordinates), ``overlay.png`` and ``heatmap.png`` (thumbnails),
+   ``tissue.png`` and ``summary.json``.
+
+A slide whose ``summary.json`` records the same settings key (settings that change the output, the
+model file and the slide file) is skipped unless `overwrite`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ikdmil.errors import IkdmilError
+from ikdmil.inference.model import LoadedModel, gaussian_radius, tile_maps
+from ikdmil.inference.settings import PredictSettings
+from ikdmil.inference.tiling import (Box, BandStitcher, Geometry, large_tiling, resolve_tiling, select_tiles,
+                                     slide_geometry, tile_loader, tile_window, tissue_lookup)
+from ikdmil.io import chmod_default, replace_folder, write_png, write_text
+from ikdmil.slide.reader import Slide, open_slide
+from ikdmil.slide.tiff import write_pyramid_tiff
+from ikdmil.slide.tissue import TissueMap, slide_tissue
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_NAME = "summary.json"
+OUTPUT_FILES = ["probability.tif", "mask.tif", "tumour.geojson", "overlay.png", "heatmap.png", "tissue.png",
+                SUMMARY_NAME]
+
+
+@dataclass
+class SlideJob:
+    """One slide to segment: the model, the opened slide, its tiling and tissue, the tiles to run."""
+
+    lm: LoadedModel
+    slide: Slide
+    path: Path
+    settings: PredictSettings
+    geom: Geometry
+    tissue: TissueMap
+    overview: np.ndarray  # RGB overview at the tissue map's resolution (thumbnails are made from it)
+    boxes: list[Box]  # level-0 boxes of the tiles to run, in row order
+    cells: list[tuple[int, int]]  # their (row, col) in the tile grid
+    batch_size: int  # tiles per forward pass
+
+
+def predict_slide(lm: LoadedModel, slide_path: Path, out_dir: Path, settings: PredictSettings,
+                  progress: bool = True, slide: Slide | None = None) -> dict:
+    """Segment one slide into out_dir (written atomically); returns its summary ("status": done/skipped)."""
+    t_start = time.perf_counter()
+    key = _settings_key(lm, settings, slide_path)
+    old = _finished_summary(out_dir, key) if not settings.overwrite else None
+    if old is not None:
+        old["status"] = "skipped"
+        return old
+    slide = slide or open_slide(slide_path, settings.mpp)
+    try:
+        job = plan_slide(lm, slide, slide_path, settings)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        chmod_default(tmp, 0o777)  # mkdtemp makes it private; the final folder should look like any other
+        try:
+            summary = run_slide(job, tmp, progress, t_start)
+            summary["settings_key"] = key
+            write_text(tmp / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+            replace_folder(tmp, out_dir, hidden=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        slide.close()
+    summary["status"] = "done"
+    return summary
+
+
+def plan_slide(lm: LoadedModel, slide: Slide, slide_path: Path, settings: PredictSettings) -> SlideJob:
+    """Resolution, tiling, tissue and the tiles to run for one opened slide (one-line errors)."""
+    mpp = slide.require_mpp()
+    model_size = (slide.dimensions[0] * mpp[0] / lm.mpp, slide.dimensions[1] * mpp[1] / lm.mpp)
+    tile, overlap, margin = choose_tiling(lm, settings, model_size)
+    geom = slide_geometry(slide.dimensions, mpp, lm.mpp, tile, overlap, settings.out_stride, margin)
+    user_mask = _user_mask_for(settings, slide_path)
+    tissue, overview = slide_tissue(slide, settings.tissue, user_mask, settings.all_tissue)
+    boxes, cells = select_tiles(geom, None if settings.all_tissue else tissue, settings.min_tissue)
+    batch = lm.batch_size
+    if margin and settings.batch_size is None:  # large tiles: about as many pixels per batch as small ones
+        batch = max(1, lm.batch_size * lm.input_size ** 2 // tile ** 2)
+    logger.debug("%s: %d of %d tiles of %d px (overlap %d, margin %d), batch %d", slide_path.name, len(boxes),
+                 geom.grid[0] * geom.grid[1], tile, overlap, margin, batch)
+    return SlideJob(lm, slide, slide_path, settings, geom, tissue, overview, boxes, cells, batch)
+
+
+def choose_tiling(lm: LoadedModel, settings: PredictSettings, model_size: tuple[float, float]) -> tuple[int, int, int]:
+    """(tile, overlap, margin) model px: large tiles for a tile-invariant model when neither --tile-size nor
+    --overlap is given (`LoadedModel.reach` is then known), else the model's input size (margin 0)."""
+    if lm.reach is not None and settings.tile_size is None and settings.overlap is None:
+        large = large_tiling(lm.reach, lm.net_stride, gaussian_radius(settings.sigma), settings.out_stride,
+                             model_size)
+        if large is not None:
+            return large
+    tile, overlap = resolve_tiling(settings.tile_size or lm.input_size, settings.overlap, settings.out_stride)
+    return tile, overlap, 0
+
+
+def run_slide(job: SlideJob, tmp: Path, progress: bool, t_start: float) -> dict:
+    """Write every output of `job` into the folder `tmp`; returns the summary (without the settings key)."""
+    W, H = job.geom.out_size
+    prob = np.memmap(tmp / ".probability.u8", np.uint8, "w+", shape=(H, W))
+    mask = np.memmap(tmp / ".mask.u8", np.uint8, "w+", shape=(H, W))
+    t_infer = time.perf_counter()
+    stitcher, workers = stitch_tiles(job, prob, mask, progress)
+    infer_s = time.perf_counter() - t_infer
+
+    s = job.geom.out_stride
+    out_mpp = (job.lm.mpp * s, job.lm.mpp * s)  # µm per output px (model resolution x out_stride)
+    write_pyramid_tiff(tmp / "probability.tif", prob, out_mpp, reduce="mean", scratch=tmp)
+    write_pyramid_tiff(tmp / "mask.tif", mask, out_mpp, reduce="max", scratch=tmp)
+    polys = write_annotations(job, mask, out_mpp, tmp / "tumour.geojson")
+    write_thumbnails(job, prob, mask, tmp)
+    total_s = time.perf_counter() - t_start
+    del prob, mask
+    for f in (".probability.u8", ".mask.u8"):
+        (tmp / f).unlink()
+    return slide_summary(job, stitcher, polys, out_mpp, workers, infer_s, total_s)
+
+
+def stitch_tiles(job: SlideJob, prob: np.ndarray, mask: np.ndarray, progress: bool) -> tuple[BandStitcher, int]:
+    """Run every tile of `job` through the model and blend the maps into `prob` and `mask` (flushed).
+
+    Returns the closed stitcher (tumour / tissue counts) and the number of reader processes used.
+    """
+    lm, geom, settings = job.lm, job.geom, job.settings
+    s = geom.out_stride
+    tile_out = geom.tile // s
+    stitcher = BandStitcher(prob, mask, tile_out, settings.threshold,
+                            None if settings.all_tissue else tissue_lookup(job.tissue, geom))
+    windows: dict = {}
+    loader, workers = tile_loader(job.slide, job.path, settings.mpp, job.boxes, geom.tile, job.batch_size,
+                                  settings.workers, lm.device)
+    bar = tqdm(total=len(job.boxes), desc=job.path.name, unit="tile", disable=not progress, leave=False)
+    try:
+        for batch, idx, errors in loader:
+            bad = [e for e in errors if e]
+            if bad:
+                raise IkdmilError(bad[0])
+            maps = tile_maps(lm, batch, settings.sigma, s)
+            for k, i in enumerate(idx.tolist()):
+                row, col = job.cells[i]
+                y, x = geom.tile_origin(row, col)
+                stitcher.add(y, x, maps[k], tile_window(geom, row, col, windows))
+            bar.update(len(idx))
+    finally:
+        bar.close()
+    stitcher.close()
+    prob.flush()
+    mask.flush()
+    return stitcher, workers
+
+
+def write_annotations(job: SlideJob, mask: np.ndarray, out_mpp: tuple[float, float], path: Path) -> list:
+    """Tumour polygons of the mask as QuPath GeoJSON at `path`; returns the polygons (level-0 px)."""
+    from ikdmil.slide.geojson import feature_collection, mask_polygons, to_level0, write_geojson
+
+    settings = job.settings
+    min_area_px = settings.min_area_um2 / (out_mpp[0] * out_mpp[1])
+    polys = mask_polygons(mask, min_area=min_area_px, simplify=0.5)
+    polys = to_level0(polys, job.geom.out_downsample)
+    fc = feature_collection(polys, job.slide.mpp, settings.class_name, settings.colour, key=job.path.name)
+    write_geojson(path, fc)
+    return polys
+
+
+def write_thumbnails(job: SlideJob, prob: np.ndarray, mask: np.ndarray, folder: Path) -> None:
+    """overlay.png (mask outline), heatmap.png (probability over tissue) and tissue.png in `folder`."""
+    from ikdmil.visualize import heatmap, overlay
+
+    thumb = _thumbnail(job.overview, job.settings.thumbnail_size)
+    size = (thumb.shape[1], thumb.shape[0])
+    prob_t = _reduce_to(prob, size, "mean").astype(np.float32) / 255.0
+    mask_t = _reduce_to(mask, size, "max") > 0
+    tissue_img = Image.fromarray(job.tissue.mask.astype(np.uint8) * 255)
+    tissue_t = np.asarray(tissue_img.resize(size, Image.Resampling.NEAREST)) > 0
+    write_png(folder / "overlay.png", overlay(thumb, mask_t))
+    heat = heatmap(prob_t).astype(np.float32)
+    blend = np.where((tissue_t | (prob_t > 0))[..., None], 0.45 * thumb + 0.55 * heat, thumb.astype(np.float32))
+    write_png(folder / "heatmap.png", blend.clip(0, 255).astype(np.uint8))
+    write_png(folder / "tissue.png", job.tissue.mask)
+
+
+def slide_summary(job: SlideJob, stitcher: BandStitcher, polys: list, out_mpp: tuple[float, float], workers: int,
+                  infer_s: float, total_s: float) -> dict:
+    """The summary.json of one slide: inputs, resolution, tiling, tissue, tumour measurements, timing."""
+    lm, slide, geom, settings, tissue = job.lm, job.slide, job.geom, job.settings, job.tissue
+    n = len(job.boxes)
+    out_px_area_mm2 = out_mpp[0] * out_mpp[1] / 1e6
+    tissue_model_mpx = n and tissue.area_px() / (geom.d[0] * geom.d[1]) / 1e6
+    areas = [p.area * slide.mpp[0] * slide.mpp[1] for p in polys]
+    tissue_px = stitcher.tissue_px
+    return {
+        "slide": job.path.name,
+        "path": str(job.path.resolve()),
+        "reader": slide.kind,
+        "dimensions": list(slide.dimensions),
+        "levels": len(slide.level_dimensions),
+        "mpp": list(slide.mpp),
+        "mpp_source": slide.mpp_source,
+        "model": str(lm.path),
+        "model_mpp": lm.mpp,
+        "model_mpp_source": lm.mpp_source,
+        "read_level": slide.best_level(min(geom.d)),
+        "level0_px_per_model_px": list(geom.d),
+        "tile_size": geom.tile,
+        "overlap": geom.overlap,
+        "blend_margin": geom.margin,
+        "out_stride": geom.out_stride,
+        "output_mpp": list(out_mpp),
+        "output_size": list(geom.out_size),
+        "threshold": settings.threshold,
+        "sigma": settings.sigma,
+        "tissue": {"source": tissue.source, "threshold": tissue.threshold,
+                   "area_mm2": round(tissue.area_px() * slide.mpp[0] * slide.mpp[1] / 1e6, 4),
+                   "overview_downsample": tissue.downsample[0]},
+        "tiles": n,
+        "tiles_total": geom.grid[0] * geom.grid[1],
+        "tumour_area_mm2": round(stitcher.tumour_px * out_px_area_mm2, 4),
+        "tumour_fraction_of_tissue": round(stitcher.tumour_px / tissue_px, 6) if tissue_px else 0.0,
+        "mean_probability_in_tissue": round(stitcher.prob_sum_tissue / tissue_px, 6) if tissue_px else 0.0,
+        "polygons": len(polys),
+        "polygon_area_mm2": round(sum(areas) / 1e6, 4),
+        "min_area_um2": settings.min_area_um2,
+        "seconds": round(total_s, 3),
+        "inference_seconds": round(infer_s, 3),
+        "tiles_per_second": round(n / infer_s, 3) if infer_s > 0 else None,
+        "tissue_megapixels_per_second": round(tissue_model_mpx / total_s, 4) if total_s > 0 else None,
+        "workers": workers,
+        "batch_size": job.batch_size,
+        "device": str(lm.device),
+        "files": list(OUTPUT_FILES),
+    }
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _reduce_to(arr: np.ndarray, size: tuple[int, int], how: str = "mean", band: int = 512) -> np.ndarray:
+    """A (possibly memmapped) uint8 map reduced by an integer factor band by band, then resized to `size` (w, h)."""
+    H, W = arr.shape
+    f = max(1, min(H // max(size[1], 1), W // max(size[0], 1)))
+    rows = []
+    step = band * f
+    for y in range(0, H, step):
+        block = np.asarray(arr[y:y + step])
+        h = block.shape[0] // f * f
+        w = W // f * f
+        if h == 0:
+            continue
+        b = block[:h, :w].reshape(h // f, f, w // f, f)
+        rows.append(b.max(axis=(1, 3)) if how == "max" else b.mean(axis=(1, 3)).astype(np.uint8))
+    small = np.concatenate(rows, 0) if rows else np.zeros((1, 1), np.uint8)
+    resample = Image.Resampling.NEAREST if how == "max" else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(small).resize(size, resample))
+
+
+def _thumbnail(overview: np.ndarray, max_size: int) -> np.ndarray:
+    h, w = overview.shape[:2]
+    f = min(1.0, max_size / max(h, w))
+    if f >= 1.0:
+        return overview
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    return np.asarray(Image.fromarray(overview).resize(size, Image.Resampling.BILINEAR))
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _settings_key(lm: LoadedModel, settings: PredictSettings, slide_path: Path) -> str:
+    relevant = settings.to_dict()
+    for k in ("device", "workers", "batch_size", "overwrite", "amp"):
+        relevant.pop(k, None)
+    h = hashlib.sha256()
+    h.update(json.dumps(relevant, sort_keys=True, default=str).encode())
+    h.update(_file_key(lm.path).encode())
+    h.update(_file_key(slide_path).encode())
+    h.update(str(lm.mpp).encode())
+    if lm.reach is not None:  # large tiles (a different, more exact map than small tiles gave)
+        h.update(f"large tiles, reach {lm.reach}, stride {lm.net_stride}".encode())
+    return h.hexdigest()[:16]
+
+
+def _finished_summary(out_dir: Path, key: str) -> dict | None:
+    """The summary of an earlier run of this slide with the same settings key, else None."""
+    done = out_dir / SUMMARY_NAME
+    if not done.is_file():
+        return None
+    try:
+        old = json.loads(done.read_text())
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) and old.get("settings_key") == key else None
+
+
+def _user_mask_for(settings: PredictSettings, slide_path: Path) -> str | None:
+    if not settings.tissue_mask:
+        return None
+    p = Path(settings.tissue_mask)
+    if p.is_dir():
+        for ext in (".geojson", ".json", ".png", ".tif", ".tiff", ".jpg", ".bmp"):
+            cand = p / (slide_path.stem + ext)
+            if cand.is_file():
+                return str(cand)
+        raise IkdmilError(
+            f"{p}: no tissue mask for {slide_path.name} (expected {slide_path.stem}.geojson or {slide_path.stem}.png); "
+            "add it or drop --tissue-mask"
+        )
+    return str(p)

@@ -1,0 +1,45 @@
+"""Tiling geometry and the band stitcher: tiles blend into the output grid without seams."""
+
+import numpy as np
+
+from ikdmil.inference import BandStitcher, blend_window, slide_geometry
+
+
+def test_band_stitcher_blends_overlapping_tiles_without_seams():
+    geom = slide_geometry((200, 120), (0.5, 0.5), 0.5, tile=32, overlap=16, out_stride=4)
+    assert geom.grid == (12, 7) and geom.out_size == (50, 30)
+    prob = np.zeros((30, 50), np.uint8)
+    mask = np.zeros_like(prob)
+    st = BandStitcher(prob, mask, band=8, threshold=0.5)
+    win = blend_window(8, 4)
+    for r in range(geom.grid[1]):
+        for c in range(geom.grid[0]):
+            st.add(r * 4, c * 4, np.full((8, 8), 0.6, np.float32), win)
+    st.close()
+    assert (prob == 153).all() and (mask == 255).all()  # a constant map stays exactly constant
+    assert st.tumour_px == st.tissue_px == 1500
+
+
+def test_margin_windows_sum_to_one_across_an_overlap_and_ignore_tile_edges():
+    from ikdmil.inference.tiling import blend_profile
+
+    n, ramp, margin = 40, 16, 5  # output px: tiles of 40 overlapping by 16, 5 px of each edge get no weight
+    a, b = blend_profile(n, ramp, margin=margin), blend_profile(n, ramp, margin=margin)
+    both = a[n - ramp:] + b[:ramp]  # the overlap, from tile A's right end and tile B's left end
+    assert np.allclose(both[margin:ramp - margin], 1.0, atol=1e-6)
+    assert (a[:margin] <= 1e-3).all() and (a[-margin:] <= 1e-3).all() and (a[ramp:n - ramp] == 1).all()
+    edge = blend_profile(n, ramp, margin=margin, first=True)  # on the slide's edge: no neighbour, full weight
+    assert (edge[:n - ramp] == 1).all() and (edge[-margin:] <= 1e-3).all()
+    assert np.array_equal(blend_window(n, ramp), np.outer(blend_profile(n, ramp), blend_profile(n, ramp)))
+
+
+def test_large_tiling_covers_the_receptive_field_and_the_gaussian():
+    from ikdmil.inference.tiling import LARGE_OVERHEAD, large_tiling
+
+    tile, overlap, margin = large_tiling(23, 4, 12, 4, (20000, 15000))  # VGG16 reach, sigma 3, out-stride 4
+    assert margin >= 23 + 12 and overlap >= 2 * margin and overlap % 4 == 0
+    assert tile == 1024 and (tile / (tile - overlap)) ** 2 <= LARGE_OVERHEAD
+    tile, overlap, _ = large_tiling(120, 16, 12, 4, (20000, 15000))  # ResNet-18: the largest tile, stride-aligned
+    assert tile == 2048 and overlap % 16 == 0 and (tile - overlap) % 16 == 0
+    assert large_tiling(23, 4, 12, 4, (300.5, 200))[0] == 304  # a small slide: one tile just covering it
+    assert large_tiling(5000, 16, 12, 4, (20000, 15000)) is None  # wider than any large tile: small tiles
