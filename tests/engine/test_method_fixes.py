@@ -374,3 +374,11 @@ def test_checkpoints_carry_the_cuda_rng_state(monkeypatch):
     assert torch.equal(saved["cuda"], state["cuda"])
     run.device = CPU  # on CPU nothing CUDA is touched
     assert TrainingRun.rng_state(run)["cuda"] is None
+
+
+def test_distill_refuses_a_teacher_with_other_side_taps(tiny_synth, tmp_path, tiny_config):
+    model, _ = create_model("vgg16", pretrained="none")  # pre-pool, like files written before side taps
+    teacher = save_model(model, tmp_path / "old.safetensors", input_size=32)
+    cfg = tiny_config(tiny_synth, tmp_path / "run", distill_epochs=1)
+    with pytest.raises(IkdmilError, match="--side-taps pre-pool"):
+        Pipeline(cfg, progress=False, first_phase="distill", teacher_file=str(teacher)).run()
