@@ -397,7 +397,7 @@ class RunConfig:
     swap_every: int = 30  # validate teacher vs student and maybe swap every N stage-2 epochs
     wce_scale: float = 0.25  # a in L_s = L_kd + a * L_wce
     augment: bool = True  # random flips and 90-degree rotations (applied to teacher and student alike)
-    teacher_cache: bool = True  # stage 2: teacher maps computed once per cycle, augmented like the images
+    teacher_cache: bool = True  # stage 2: cache the teacher's maps per image and view within a cycle; off = run it live
     eval_sigma: float = 3.0  # Gaussian smoothing of the fused map before thresholding (paper: 3)
     threshold: float = 0.5
     seed: int = 0
@@ -490,7 +490,8 @@ class RunConfig:
                           "student wins", min=1),
         "wce_scale": Opt("weight a of the weighted-CE regulariser", min=0),
         "augment": Opt("random flips and 90-degree rotations"),
-        "teacher_cache": Opt("stage 2: compute the frozen teacher's maps once per cycle instead of every batch"),
+        "teacher_cache": Opt("stage 2: cache the frozen teacher's maps per image and flip/rotation within a cycle "
+                             "(exactly the live teacher's); --no-teacher-cache runs it live in every step"),
         "eval_sigma": Opt("Gaussian sigma (px) applied to the fused map before thresholding (paper: 3; 0 = off)",
                           min=0),
         "threshold": Opt("tumour when the smoothed fused map is >= this", above=0, below=1),
