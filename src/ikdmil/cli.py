@@ -251,13 +251,14 @@ def _fmt(v, digits=3) -> str:
 
 
 def format_table(summaries: dict[str, dict]) -> str:
-    head = f"{'model':<10} {'F1':>6} {'IoU':>6} {'F1 pos':>7} {'F1 neg':>7} {'IoU pos':>8} {'HD':>7} {'HD95':>7} {'n':>4}"
+    head = (f"{'model':<10} {'F1':>6} {'IoU':>6} {'F1 pos':>7} {'F1 neg':>7} {'IoU pos':>8} {'HD':>7} {'HD95':>7} "
+            f"{'HDpaper':>7} {'n':>4}")
     lines = [head, "-" * len(head)]
     for name, s in summaries.items():
         lines.append(
             f"{name:<10} {_fmt(s.get('f1')):>6} {_fmt(s.get('iou')):>6} {_fmt(s.get('f1_pos')):>7} "
             f"{_fmt(s.get('f1_neg')):>7} {_fmt(s.get('iou_pos')):>8} {_fmt(s.get('hd'), 1):>7} "
-            f"{_fmt(s.get('hd95'), 1):>7} {s.get('n', 0):>4}"
+            f"{_fmt(s.get('hd95'), 1):>7} {_fmt(s.get('hd_paper'), 1):>7} {s.get('n', 0):>4}"
         )
     return "\n".join(lines)
 
@@ -266,7 +267,7 @@ def format_results(results: dict) -> str:
     tested = {role: e["test"] for role, e in results["models"].items() if "test" in e}
     lines = []
     if tested:
-        lines.append("test split (HD in pixels at the model's input size):")
+        lines.append("test split (HD in pixels at the model's input size; HDpaper: the authors' OpenCV measure):")
         lines.append(format_table(tested))
     for role, e in results["models"].items():
         vs = e.get("val_score")
