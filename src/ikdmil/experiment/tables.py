@@ -121,7 +121,8 @@ def format_markdown(rows: list[dict], plan) -> str:
              f"Command: `ikdmil experiment {s.data} --out {s.out} --profile {s.profile} --variants "
              f"{','.join(plan.variants)} --seeds {s.seeds}"
              + (f" --seed-start {s.seed_start}" if s.seed_start else "")
-             + (f" --backbones {','.join(plan.backbones)}" if s.backbones else "") + "`",
+             + (f" --backbones {','.join(plan.backbones)}" if s.backbones else "")
+             + "".join(f" --set {item}" for item in s.set) + "`",
              "",
              "| backbone | variant | model | seeds | " + " | ".join(LABELS[m] for m in METRICS) + " | ΔF1 | ΔIoU |",
              "|---|---|---|---|" + "---|" * (len(METRICS) + 2)]
