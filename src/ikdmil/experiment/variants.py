@@ -105,9 +105,11 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
     # loaded machine, load 6-7, made the same epochs 3.5x slower). An engine that caches the teacher's
     # 8 dihedral views refreshes ~8x slower (~50 s per cycle): then about +10 min.
     # The comparison rows get as many epochs as IKD's stages: 8 classifier epochs (the teacher's 8) and 8
-    # epochs per segmentation-network phase (the distillation's 8). Estimated on the same measurements
-    # (a segmentation epoch ~1.3x a teacher epoch for the decoder, + test_f1 per epoch): oeem / oaa ~5 min,
-    # pistoseg ~10 min (its mosaic phase runs three images per step), supervised-unet ~3 min per seed.
+    # epochs per segmentation-network phase (the distillation's 8). Estimated from the measurements above
+    # (not measured: the decoder adds ~13 % to VGG16's 6.1 GFLOP per 128 px image, so a segmentation epoch
+    # is ~17 s + 4.5 s test_f1; a classifier epoch ~14.5 s): oeem ~5 min, oaa ~5.5 min, pistoseg ~12 min
+    # (its mosaic phase runs three images per step), supervised-unet ~3 min per seed; with mil + ikd
+    # (~6 min) all of Table 1 is ~31 min per seed, ~95 min for 3 seeds on an otherwise idle machine.
     Profile("cpu", "GlaS at 128 px on a 2-core CPU: 8 teacher + 2 fusion + 8 distillation epochs, swap check "
             "every 4; {mil, ikd, no-swap, no-wce} x 3 seeds in about 37 min; comparison rows: 8 classifier + 8 "
             "epochs per segmentation phase",

@@ -35,6 +35,10 @@ Where we differ from the paper, and why:
   network's map with the CAM, then the short retraining of step 4.
 - Its networks are DeepLabV3+ / ResNet-38 from ImageNet weights we cannot have offline; ours is
   the shared `SegNet` on the run's registered backbone (local ImageNet weights by default).
+
+Cost: a mosaic step runs three batches (mosaics, real images, their views) through the network, so
+the `mosaic` phase costs about three segmentation phases; `consistency_scale 0` drops the two real
+ones. Under torchrun every rank draws the same mosaics (one seeded generator, as the augmentation).
 """
 
 from __future__ import annotations
