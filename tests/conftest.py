@@ -30,12 +30,13 @@ def tiny_synth(tmp_path_factory) -> Path:
 
 
 def _tiny_config(data: Path, out: Path, **overrides):
-    """A RunConfig small enough for a test: 32 px, random init, two tiny epochs per phase."""
+    """A RunConfig small enough for a test: 32 px, random init, two tiny epochs per phase (one per phase
+    of the comparison methods)."""
     from ikdmil.config import RunConfig
 
     base = dict(data=str(data), out=str(out), input_size=32, batch_size=4, pretrained="none",
                 teacher_epochs=2, fusion_epochs=1, distill_epochs=2, swap_every=1, lr=1e-3,
-                eval_sigma=0.0, cache_dir=str(out.parent / "cache"))
+                eval_sigma=0.0, cache_dir=str(out.parent / "cache"), cam_epochs=1, seg_epochs=1)
     base.update(overrides)
     return RunConfig(**base)
 

@@ -220,12 +220,14 @@ def test_non_image_with_png_suffix(tmp_path, capsys):
     assert_clean_failure(rc, err, [str(bad)], ["not an image", "remove"], tmp_path, bad_file=bad)
 
 
+# Bad masks are planted in the validation split: training masks are never read by the weakly supervised
+# methods (IKD included; see ikdmil.engine.run), only by supervised-unet (tests/methods/test_training.py).
 def test_mask_size_mismatch(tmp_path, capsys):
     data = make_data(tmp_path / "data")
-    bad = _save(data / "train" / "masks" / "train_p0.png", np.zeros((SIZE - 4, SIZE), np.uint8))
+    bad = _save(data / "val" / "masks" / "val_p0.png", np.zeros((SIZE - 4, SIZE), np.uint8))
     rc, err = train(data, tmp_path, capsys)
     line = assert_clean_failure(rc, err, [str(bad)], ["pair each image"], tmp_path,
-                                bad_file=data / "train" / "pos" / "train_p0.png")
+                                bad_file=data / "val" / "pos" / "val_p0.png")
     assert f"{SIZE}x{SIZE - 4}" in line and f"{SIZE}x{SIZE}" in line
 
 
@@ -244,10 +246,10 @@ def test_colour_mask(tmp_path, capsys):
     data = make_data(tmp_path / "data")
     m = np.zeros((SIZE, SIZE, 3), np.uint8)
     m[6:18, 6:18] = (255, 0, 0)
-    bad = _save(data / "train" / "masks" / "train_p1.png", m)
+    bad = _save(data / "val" / "masks" / "val_p1.png", m)
     rc, err = train(data, tmp_path, capsys)
     assert_clean_failure(rc, err, [str(bad)], ["single-channel"], tmp_path,
-                         bad_file=data / "train" / "pos" / "train_p1.png")
+                         bad_file=data / "val" / "pos" / "val_p1.png")
 
 
 def test_bad_image_in_test_split_leaves_no_run(tmp_path, capsys):

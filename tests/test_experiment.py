@@ -260,7 +260,8 @@ def test_unknown_field_is_one_line():
 # ------------------------------------------------------------------ variants and profiles
 def test_every_variant_and_profile_is_defined():
     assert {"mil", "ikd", "kd-output", "kd-block", "kd-fusion", "no-swap", "no-wce", "wce-0", "wce-0.1",
-            "wce-0.25", "wce-0.5", "wce-1", "wce-5", "wd-authors"} == set(VARIANTS)
+            "wce-0.25", "wce-0.5", "wce-1", "wce-5", "wd-authors", "oeem", "oaa", "pistoseg",
+            "supervised-unet"} == set(VARIANTS)
     assert set(PROFILES) == {"smoke", "cpu", "paper"}
     paper = PROFILES["paper"].overrides
     assert (paper["input_size"], paper["teacher_epochs"], paper["fusion_epochs"], paper["distill_epochs"],

@@ -122,15 +122,20 @@ def _run_config(args) -> RunConfig:
 
 
 def _train(args, first: str, last: str, teacher_file: str | None = None) -> dict:
-    from ikdmil.engine.pipeline import Pipeline
+    from ikdmil.methods import get_method
 
     cfg = _run_config(args)
     if not cfg.data:
         raise IkdmilError("no dataset given: pass DATA (a manifest CSV or dataset folder)")
+    if cfg.method == "ikd":  # train / distill / run are IKD's phases
+        options = {"first_phase": first, "last_phase": last, "teacher_file": teacher_file}
+    elif (first, last) == ("teacher", "distill"):
+        options = {}
+    else:
+        raise IkdmilError(f"--method {cfg.method}: `ikdmil {args.command}` runs a stage of IKD-MIL; train "
+                          f"{cfg.method} with `ikdmil run DATA --method {cfg.method}`")
     check_output_folder(cfg.out)
-    pipe = Pipeline(cfg, resume=args.resume, progress=_progress(args), first_phase=first, last_phase=last,
-                    teacher_file=teacher_file)
-    results = pipe.run()
+    results = get_method(cfg.method).train(cfg, resume=args.resume, progress=_progress(args), **options)
     if results:  # under torchrun only rank 0 has results to report
         print(format_results(results))
         print(f"run folder: {cfg.out}")
@@ -273,7 +278,12 @@ def format_results(results: dict) -> str:
         vs = e.get("val_score")
         lines.append(f"{role}: validation {results['selection_metric']} = {_fmt(vs)}  ({e['file']})")
     if "selected" in results:
-        lines.append(f"selected on validation: {results['selected']} -> model.safetensors; swaps: {results['swaps']}")
+        swaps = f"; swaps: {results['swaps']}" if results.get("method", "ikd") == "ikd" else ""
+        lines.append(f"selected on validation: {results['selected']} -> model.safetensors{swaps}")
+    pm = results.get("pseudo_masks")
+    if pm:
+        f1 = "" if pm.get("val_f1") is None else f", validation F1 {_fmt(pm['val_f1'])}"
+        lines.append(f"pseudo-masks ({pm['from']}): threshold {pm['threshold']:.2f} ({pm['threshold_rule']}){f1}")
     return "\n".join(lines)
 
 
@@ -361,7 +371,7 @@ def _add_slide_dataset_options(g) -> None:
 
 TRAINING_COMMANDS = (
     ("train", cmd_train, "stage 1: MIL teacher + fusion-weight fit -> teacher.safetensors"),
-    ("run", cmd_run, "train + distill + test evaluation in one run folder"),
+    ("run", cmd_run, "train + distill + test evaluation in one run folder (--method: IKD-MIL or a comparison row)"),
     ("distill", cmd_distill, "stage 2: iterative fusion-knowledge distillation from a teacher"),
 )
 
@@ -369,7 +379,9 @@ TRAINING_COMMANDS = (
 def add_training_commands(sub, common) -> None:
     from ikdmil.models import available_backbones
 
-    epilog = f"backbones: {', '.join(available_backbones())}"
+    from ikdmil.methods import available_methods
+
+    epilog = f"backbones: {', '.join(available_backbones())}; methods (--method): {', '.join(available_methods())}"
     for name, func, text in TRAINING_COMMANDS:
         t = sub.add_parser(name, parents=[common], formatter_class=HelpFormatter, help=text, description=text,
                            epilog=epilog)

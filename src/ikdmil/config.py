@@ -432,6 +432,17 @@ class RunConfig:
     kd_structure: str = "fusion"
     swap: bool = True  # swap teacher and student when the student wins on validation (off: the no-swap ablation)
 
+    # ---- the training method and the comparison rows' settings (issue 10; ikdmil.methods). IKD reads none
+    # of the fields below `method`, and the experiment runner leaves them out of IKD runs' keys.
+    method: str = "ikd"  # ikd | oeem | oaa | pistoseg | supervised-unet
+    cam_epochs: int = 20  # CAM classifier epochs (oeem, oaa, pistoseg)
+    seg_epochs: int = 30  # segmentation-network epochs (each of pistoseg's two networks; supervised-unet)
+    cam_threshold: float = 0.0  # pseudo-mask threshold on the [0, 1] maps (0 = choose it on validation)
+    head_lr_scale: float = 10.0  # lr multiplier of the new layers (classifier head, decoder) over the encoder's
+    decoder_width: int = 64  # channels of the segmentation network's decoder
+    mosaic_grid: int = 2  # pistoseg: mosaic cells per side
+    consistency_scale: float = 1.0  # pistoseg: weight of the feature-consistency term
+
     def validate(self) -> "RunConfig":
         from ikdmil.losses import KD_STRUCTURES, TEACHER_LOSSES  # the losses own the names; torch loads lazily
 
@@ -446,6 +457,10 @@ class RunConfig:
         for ok, msg in checks:
             if not ok:
                 raise IkdmilError(msg)
+        from ikdmil.methods import available_methods
+
+        if self.method not in available_methods():
+            raise IkdmilError(f"--method must be one of {', '.join(available_methods())} (got {brief(self.method)})")
         return self
 
     def fixed_fusion_weights(self) -> list[float] | None:
@@ -519,6 +534,19 @@ class RunConfig:
         "kd_structure": Opt("stage-2 KD: fusion = every student map <- teacher fused (IKD) | output = fused <- fused "
                             "only | block = side i <- side i and fused <- fused", choices=("fusion", "output", "block")),
         "swap": Opt("swap teacher and student when the student wins on validation (--no-swap: the ablation)"),
+        "method": Opt("training method: ikd (IKD-MIL, the default) | oeem | oaa | pistoseg (CAM pseudo-mask "
+                      "baselines) | supervised-unet (trains on the pixel masks: the only method that reads "
+                      "training masks)"),
+        "cam_epochs": Opt("oeem/oaa/pistoseg: epochs of the CAM classifier (backbone + global pooling + linear)",
+                          min=1),
+        "seg_epochs": Opt("oeem/oaa/pistoseg/supervised-unet: epochs of each segmentation-network phase", min=1),
+        "cam_threshold": Opt("pseudo-mask threshold on the [0, 1] CAM maps (0 = the best on validation masks; "
+                             "without them, Otsu's threshold of the training positives' maps)", min=0, below=1),
+        "head_lr_scale": Opt("lr of the new layers (classifier head, decoder) = lr x this; the encoder's is lr",
+                             above=0),
+        "decoder_width": Opt("channels of the segmentation network's decoder", min=8, max=1024),
+        "mosaic_grid": Opt("pistoseg: the synthetic mosaics have GRID x GRID cells", min=1, max=16),
+        "consistency_scale": Opt("pistoseg: weight of the feature-consistency term (0 = off)", min=0),
     }
 
 

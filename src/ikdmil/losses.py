@@ -13,7 +13,10 @@
 - `weighted_ce`: cross-entropy between teacher fusion (soft target) and student fusion, with
   per-image pixel weights `softmax(-ce)` (computed without gradient) so that easy pixels count
   more and the teacher's noise is not amplified.
-- `student_loss = fusion_kd_loss + a * weighted_ce` with a = 0.25.
+- `student_loss = fusion_kd_loss + a * weighted_ce` with a = 0.25. The weighting is
+  `easy_example_weights` (online easy-example mining, OEEM), shared with the OEEM baseline, which
+  applies it to the CE against CAM pseudo-masks; `bce_loss` and `dice_bce_loss` are the plain losses
+  of the other comparison rows (`ikdmil.methods`).
 - `gem_mil_loss` (the MIL baselines' teacher loss, `--teacher-loss gem`): each map is pooled to an
   image score by the generalised mean `(mean p^r)^(1/r)`, r = 4 (between mean and max pooling: a few
   confident pixels make a positive bag), then binary cross-entropy against the image label; summed
@@ -123,13 +126,40 @@ def kd_loss(student: MILOutput, teacher: MILOutput, labels: torch.Tensor, struct
     raise IkdmilError(f"--kd-structure {structure!r}: choose one of {', '.join(KD_STRUCTURES)}")
 
 
+def pixel_bce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, H*W) per-pixel binary cross-entropy of probabilities `pred` against (soft) `target`, float32."""
+    p = pred.float().clamp(PROB_CLAMP, 1.0 - PROB_CLAMP).flatten(1)
+    t = target.float().flatten(1)
+    return -(t * torch.log(p) + (1.0 - t) * torch.log1p(-p))
+
+
+def easy_example_weights(pixel_loss: torch.Tensor) -> torch.Tensor:
+    """Online easy-example mining: per image, the normalised softmax of minus each pixel's loss,
+    `w_j = exp(-l_j) / sum_k exp(-l_k)` over the image's pixels (rows of a (B, P) loss), without
+    gradient. Easy (low-loss) pixels count more, so noisy targets are not amplified."""
+    return torch.softmax(-pixel_loss.detach().flatten(1), dim=1)
+
+
+def easy_weighted(pixel_loss: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of `sum_j w_j l_j` with `w = easy_example_weights(l)`."""
+    loss = pixel_loss.flatten(1)
+    return (easy_example_weights(loss) * loss).sum(1).mean()
+
+
 def weighted_ce(student_fused: torch.Tensor, teacher_fused: torch.Tensor) -> torch.Tensor:
-    """Pixel-weighted BCE(teacher -> student), weights softmax(-ce) over each image's pixels."""
-    p = student_fused.float().clamp(PROB_CLAMP, 1.0 - PROB_CLAMP).flatten(1)
-    t = teacher_fused.float().flatten(1)
-    ce = -(t * torch.log(p) + (1.0 - t) * torch.log1p(-p))
-    weights = torch.softmax(-ce.detach(), dim=1)
-    return (weights * ce).sum(1).mean()
+    """Pixel-weighted BCE(teacher -> student), weights softmax(-ce) over each image's pixels: IKD's
+    L_wce, and OEEM's loss with a pseudo-mask as the target (`ikdmil.methods.oeem`)."""
+    return easy_weighted(pixel_bce(student_fused, teacher_fused))
+
+
+def bce_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Plain per-pixel BCE, mean over pixels and batch (OAA's and PistoSeg's segmentation loss)."""
+    return pixel_bce(pred, target).mean()
+
+
+def dice_bce_loss(pred: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Soft Dice (flipped on negatives, see `dice_loss`) + mean BCE: the supervised reference's loss."""
+    return dice_loss(pred, target, labels) + bce_loss(pred, target)
 
 
 def student_loss(

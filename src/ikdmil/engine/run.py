@@ -5,11 +5,18 @@ caches, the (GPU-resident or DataLoader) training loader and its augmentation, m
 the metrics log, atomic checkpoints with every RNG state, validation scoring and, at the end,
 `finish`: the model for `predict` is picked on the validation split, every model file is scored on
 the test split, and `results.json` is written. A method subclasses it and adds its phases (see
-`ikdmil.engine.pipeline.Pipeline` for IKD); `ikdmil.methods` names the methods.
+`ikdmil.engine.pipeline.Pipeline` for IKD, `ikdmil.methods.base.SegRun` for the comparison rows);
+`ikdmil.methods` names the methods.
+
+Training masks: the training split is cached *without* its masks (`reads_train_masks = False`), so
+a weakly supervised method cannot read them even by mistake, and its training mask files are never
+opened. Only a subclass that sets `reads_train_masks = True` (`supervised-unet`, the fully
+supervised reference) gets them. Validation masks are read: model selection uses them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -45,6 +52,9 @@ class TrainingRun:
         progress: show progress bars (tqdm). Messages go to `logging` whatever this says.
     """
 
+    #: whether the training split is cached with its masks (only the fully supervised reference)
+    reads_train_masks = False
+
     def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool = True):
         self.cfg = cfg.validate()
         self.run_dir = Path(cfg.out)
@@ -69,7 +79,10 @@ class TrainingRun:
         cache = cfg.cache_dir or None
         if not self.dist.is_main:
             self.dist.barrier()  # rank 0 builds the preprocessing cache, the others then read it
-        self.train_arrays = self._cache(self.train_samples, cache, "caching train")
+        train = self.train_samples
+        if not self.reads_train_masks:  # weak supervision: image labels only, mask files never opened
+            train = [dataclasses.replace(sample, mask=None) for sample in train]
+        self.train_arrays = self._cache(train, cache, "caching train")
         self.val_arrays = self._cache(self.val_samples, cache, "caching val")
         self.test_arrays = self._cache(self.test_samples, cache, "caching test") if self.test_samples else None
         if self.dist.is_main:
@@ -133,6 +146,7 @@ class TrainingRun:
         if self.dist.is_main:
             if self.cfg.model_mpp > 0:  # lets `predict` read slides at the training resolution
                 meta.setdefault("mpp", self.cfg.model_mpp)
+            meta.setdefault("method", self.cfg.method)
             save_model(model, self.run_dir / name, input_size=self.cfg.input_size, **meta)
 
     def val_score(self, model: MILSegmenter) -> float:
@@ -189,14 +203,17 @@ class TrainingRun:
             hook(state["phase"], state["epoch"])
 
     # ----------------------------------------------------------------- results
-    def finish(self, swaps: int, seconds: float) -> dict:
-        """Pick the model for `predict` on validation, evaluate every model file on test, write results.json."""
-        results = {"ikdmil": __version__, "run_dir": str(self.run_dir), "device": str(self.device),
-                   "host": platform.node(), "world_size": self.dist.world, "seconds": round(seconds, 1),
-                   "swaps": swaps, "selection_metric": "val F1" if self.val_has_masks else "val -MIL loss",
+    def finish(self, swaps: int, seconds: float, roles: tuple[str, ...] = ("teacher", "student"),
+               extra: dict | None = None) -> dict:
+        """Pick the model for `predict` on validation among the files `ROLE.safetensors` of `roles`,
+        evaluate each on test, write results.json (with `extra`'s entries, e.g. pseudo-mask scores)."""
+        results = {"ikdmil": __version__, "method": self.cfg.method, "run_dir": str(self.run_dir),
+                   "device": str(self.device), "host": platform.node(), "world_size": self.dist.world,
+                   "seconds": round(seconds, 1), "swaps": swaps,
+                   "selection_metric": "val F1" if self.val_has_masks else "val -MIL loss", **(extra or {}),
                    "models": {}}
         best = None
-        for role in ("teacher", "student"):
+        for role in roles:
             path = self.run_dir / f"{role}.safetensors"
             if not path.is_file():
                 continue

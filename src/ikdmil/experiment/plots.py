@@ -7,6 +7,11 @@ written when the engine's `track_test` is on), so the test curve is chosen on va
 test. Points are the mean over seeds with sample-std error bars; the dashed line is the stage-1
 teacher's score (its best epoch on validation), mean over seeds. One PNG per backbone and group:
 `plots/<backbone>-<group>.png`, written with matplotlib's Agg canvas (no pyplot, no global backend).
+
+`plots/<backbone>-pseudo-masks.png` (the paper's Figs. 1 and 4): for a few validation images (positives
+first), the image, its truth, each CAM row's pseudo-mask (oeem / oaa / pistoseg: their
+`pseudo_masks_val.npy`), the MIL teacher's map and the IKD student's map, from the first seed for
+which a CAM row and mil or ikd have finished. `pseudo_mask_figure` draws any such grid.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import csv
 import json
 import math
 from pathlib import Path
+
+import numpy as np
 
 from ikdmil.experiment.tables import mean_std
 from ikdmil.io import atomic_path
@@ -102,7 +109,8 @@ def _curves(plan, backbone: str, names: list[str]) -> list[dict]:
 
     by_run: dict[str, dict] = {}
     for b, variant, seed, job in plan.entries:
-        if b != backbone or variant not in names or not VARIANTS[variant].student or not job.finished():
+        if (b != backbone or variant not in names or not VARIANTS[variant].student or job.kind != "distill"
+                or not job.finished()):
             continue
         canon = job.run_dir.parent.name
         c = by_run.setdefault(canon, {"names": [], "jobs": [], "teacher": str(job.teacher.run_dir.parent)})
@@ -164,7 +172,8 @@ def write_plots(plan) -> list[Path]:
     from ikdmil.experiment.variants import VARIANTS
 
     written = []
-    student_names = [v for v in plan.variants if VARIANTS[v].student]
+    student_names = [v for v in plan.variants if VARIANTS[v].student
+                     and any(v == name and j.kind == "distill" for _, name, _, j in plan.entries)]
     for b in plan.backbones:
         selection = None
         for _, _, _, job in plan.entries:
@@ -186,9 +195,109 @@ def write_plots(plan) -> list[Path]:
             path = plan.out / "plots" / f"{b}-{group}.png"
             plot_group(path, f"{b}: {title}", curves, plan.settings.bin_width, ylabel)
             written.append(path)
+        figure = write_pseudo_mask_figure(plan, b)
+        if figure is not None:
+            written.append(figure)
     folder = plan.out / "plots"
-    for group in [*GROUPS, "all"]:  # plots of an earlier call with other variants would mislead
+    for group in [*GROUPS, "all", "pseudo-masks"]:  # plots of an earlier call with other variants would mislead
         for stale in folder.glob(f"*-{group}.png"):
             if stale not in written:
                 stale.unlink()
     return written
+
+
+# ------------------------------------------------------------------ the pseudo-masks figure (Figs. 1, 4)
+CAM_ROWS = ("oeem", "oaa", "pistoseg")  # methods whose run folders hold pseudo_masks_val.npy
+
+
+def pseudo_mask_figure(path: Path, images: np.ndarray, truths: np.ndarray, columns: list[tuple[str, np.ndarray]],
+                       title: str = "") -> Path:
+    """A grid: one row per image, columns image | truth | each named map (N,S,S) in [0,1] (masks or
+    probabilities, shown in grey from 0 = black to 1 = white). PNG via matplotlib's Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    heads = [("image", None), ("truth", np.asarray(truths, np.float32))] + [(n, np.asarray(m)) for n, m in columns]
+    rows, cols = len(images), len(heads)
+    fig = Figure(figsize=(1.9 * cols, 1.9 * rows + (0.4 if title else 0.1)), dpi=100)
+    FigureCanvasAgg(fig)
+    for r in range(rows):
+        for c, (name, maps) in enumerate(heads):
+            ax = fig.add_subplot(rows, cols, r * cols + c + 1)
+            if maps is None:
+                ax.imshow(np.asarray(images[r]))
+            else:
+                ax.imshow(np.asarray(maps[r], np.float32), cmap="gray", vmin=0.0, vmax=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def _figure_runs(plan, backbone: str) -> tuple[int, dict] | None:
+    """(seed, {column name: ("mask", npy path) | ("model", model path)}) of the first seed with a finished
+    CAM row and a finished mil or ikd run, or None."""
+    by_seed: dict[int, dict] = {}
+    for b, variant, seed, job in plan.entries:
+        if b != backbone or not job.finished():
+            continue
+        cols = by_seed.setdefault(seed, {})
+        if job.kind == "method" and variant in CAM_ROWS and (job.run_dir / "pseudo_masks_val.npy").is_file():
+            cols[f"{variant} pseudo-mask"] = ("mask", job.run_dir / "pseudo_masks_val.npy")
+        elif job.kind == "teacher":
+            cols["MIL teacher"] = ("model", job.run_dir / "teacher.safetensors")
+        elif job.kind == "distill" and variant == "ikd":
+            cols["MIL teacher"] = ("model", job.teacher.run_dir / "teacher.safetensors")
+            cols["IKD student"] = ("model", job.run_dir / "student.safetensors")
+    for seed in sorted(by_seed):
+        cols = by_seed[seed]
+        if any(k.endswith("pseudo-mask") for k in cols) and "MIL teacher" in cols:
+            return seed, cols
+    return None
+
+
+def write_pseudo_mask_figure(plan, backbone: str, n: int = 4) -> Path | None:
+    """`plots/<backbone>-pseudo-masks.png` for the first seed that has the runs (None when none has)."""
+    from ikdmil.data.dataset import build_cache
+    from ikdmil.data.manifest import load_samples, select_split
+    from ikdmil.device import resolve_device
+    from ikdmil.engine.evaluate import predict_fused
+    from ikdmil.models.checkpoint import load_model
+
+    found = _figure_runs(plan, backbone)
+    if found is None:
+        return None
+    seed, cols = found
+    cfg = plan.base
+    samples = select_split(load_samples(cfg.data), "val", cfg.data, need_both=False)
+    arrays = build_cache(samples, cfg.input_size, cfg.cache_dir or None, progress=False)
+    labels = np.asarray(arrays.labels)
+    order = [i for i in np.argsort(-labels, kind="stable") if arrays.has_mask[i]][:n]
+    if not order:
+        return None
+    device = resolve_device(cfg.device)
+    columns = []
+    names = sorted(cols, key=lambda k: (not k.endswith("pseudo-mask"), k != "MIL teacher", k))
+    for name in names:
+        kind, file = cols[name]
+        if kind == "mask":
+            maps = np.load(file)
+            if maps.shape[0] != len(labels):  # written for another validation split
+                continue
+            maps = maps[order].astype(np.float32)
+        else:
+            model, _ = load_model(file, device)
+            maps = predict_fused(model, np.asarray(arrays.images[order]), device)
+        columns.append((name, maps))
+    images = np.asarray(arrays.images[order])
+    truths = np.asarray(arrays.masks[order], np.float32)
+    return pseudo_mask_figure(plan.out / "plots" / f"{backbone}-pseudo-masks.png", images, truths, columns,
+                              f"{backbone}, seed {seed}: validation images")

@@ -5,9 +5,13 @@ Layout of OUT:
     experiment_config.yaml            the settings, the profile, every variant's overrides, the runs
     <backbone>/teacher/seed<S>/       stage-1 teacher + fusion fit (last_phase="fusion"): the `mil` row
     <backbone>/teacher-<v>/seed<S>/   a teacher of its own, for variants that change stage-1 settings
-    <backbone>/<variant>/seed<S>/     stage 2 from the shared teacher (first_phase="distill")
+    <backbone>/<variant>/seed<S>/     stage 2 from the shared teacher (first_phase="distill"); for the
+                                      comparison rows (oeem, oaa, pistoseg, supervised-unet: another
+                                      `method`) one standalone run of that method, reported as "segnet"
     table.md, table.csv, table.json   test scores, mean ± std over seeds (see `tables`)
     plots/<backbone>-<group>.png      validation / test F1 against epoch (see `plots`)
+    plots/<backbone>-pseudo-masks.png validation images: truth, CAM pseudo-masks, MIL teacher, IKD student
+                                      (when a CAM row and mil / ikd have finished a common seed)
 
 A run is finished when its `experiment_run.json` exists: it is written atomically after the
 pipeline has written its models and results.json, so an interrupted run is resumed from its
@@ -31,8 +35,8 @@ from ikdmil.config import RunConfig
 from ikdmil.errors import IkdmilError
 from ikdmil.io import write_text
 from ikdmil.experiment.variants import (PROFILES, STAGE2_FIELDS, TEACHER_LOSS_BY_BACKBONE, VARIANTS,
-                                        apply_overrides, comparable, config_fields, missing_fields, profile_config,
-                                        run_key, stage1_key)
+                                        apply_overrides, comparable, config_fields, is_method_run, missing_fields,
+                                        profile_config, run_key, stage1_key)
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,7 @@ class ExperimentSettings:
 
 @dataclass
 class Job:
-    kind: str  # "teacher" (stage 1 + fusion fit) or "distill"
+    kind: str  # "teacher" (stage 1 + fusion fit), "distill", or "method" (a comparison row's standalone run)
     backbone: str
     seed: int
     cfg: RunConfig
@@ -195,7 +199,9 @@ class Plan:
         known = {}
         for name, v in VARIANTS.items():
             if not missing_fields(v.resolve(cfg)):
-                known[name] = self.variant_config(name, cfg)
+                c = self.variant_config(name, cfg)
+                if not is_method_run(c):  # comparison rows share nothing with the IKD runs
+                    known[name] = c
         first_stage1: dict[str, str] = {}
         first_run: dict[str, str] = {}
         for name, c in known.items():
@@ -204,8 +210,18 @@ class Plan:
                 first_run.setdefault(run_key(c), name)
         teachers: dict[str, Job] = {}
         distills: dict[str, Job] = {}
+        methods: dict[str, Job] = {}
         for name in self.variants:
             c = self.variant_config(name, cfg)  # one line when this RunConfig lacks a field
+            if is_method_run(c):
+                k = run_key(c)
+                if k not in methods:
+                    methods[k] = Job("method", b, seed, dataclasses.replace(c, out=str(self.out / b / name / f"seed{seed}")),
+                                     [])
+                    self.jobs.append(methods[k])
+                methods[k].variants.append(name)
+                self.entries.append((b, name, seed, methods[k]))
+                continue
             k1 = stage1_key(c)
             if k1 not in teachers:
                 canon = first_stage1.get(k1, name)
@@ -281,14 +297,21 @@ class Plan:
 
 def _run_job(job: Job, verbose: bool) -> dict:
     from ikdmil.engine.pipeline import Pipeline
+    from ikdmil.methods import get_method
 
     resume = (job.run_dir / "checkpoint.pt").is_file()
+    if job.kind == "method":
+        results = get_method(job.cfg.method).train(job.cfg, resume=resume, progress=verbose)
+        return _finished(job, results)
     if job.kind == "teacher":
         pipe = Pipeline(job.cfg, resume=resume, progress=verbose, first_phase="teacher", last_phase="fusion")
     else:
         pipe = Pipeline(job.cfg, resume=resume, progress=verbose, first_phase="distill", last_phase="distill",
                         teacher_file=str(job.teacher.run_dir / "teacher.safetensors"))
-    results = pipe.run()
+    return _finished(job, pipe.run())
+
+
+def _finished(job: Job, results: dict) -> dict:
     marker = {"kind": job.kind, "backbone": job.backbone, "seed": job.seed, "variants": job.variants,
               "key": job.key, "teacher_dir": str(job.teacher.run_dir) if job.teacher else None, "results": results}
     write_text(job.run_dir / MARKER, json.dumps(marker, indent=2))  # last and atomic: the run is finished
@@ -331,7 +354,9 @@ def run_experiment(settings: ExperimentSettings) -> dict:
         t = time.perf_counter()
         results = _run_job(job, settings.verbose)
         scores = f"test F1 teacher {_f1(results, 'teacher')}"
-        if job.kind == "distill":
+        if job.kind == "method":
+            scores = f"test F1 {_f1(results, 'segnet')}"
+        elif job.kind == "distill":
             scores += f", student {_f1(results, 'student')}, swaps {results.get('swaps', 0)}"
         log.info("[%d/%d] done in %.0f s: %s", i, len(todo), time.perf_counter() - t, scores)
         write_outputs(plan, plots=False)  # a partial table after every run

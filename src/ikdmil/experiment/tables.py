@@ -1,7 +1,8 @@
 """Test scores of finished runs -> table.md / table.csv / table.json, mean ± std over seeds.
 
-Rows are (backbone, variant, model): `mil` has its stage-1 teacher, every other variant its student
-and the teacher it distilled from. Both models are the ones selected on the validation split
+Rows are (backbone, variant, model): `mil` has its stage-1 teacher, every other IKD variant its
+student and the teacher it distilled from, and a comparison row (oeem, oaa, pistoseg,
+supervised-unet) its segmentation network (model `segnet`). Both models are the ones selected on the validation split
 (teacher: best stage-1 epoch; student: best validation score over stage 2); the test split is only
 scored. std is the sample standard deviation (n - 1; 0 for one seed). Student rows also give
 ΔF1 / ΔIoU: student minus its own teacher, paired per seed, mean ± std. A metric a summary lacks
@@ -22,6 +23,7 @@ LABELS = {"f1": "F1", "iou": "IoU", "hd": "HD", "hd95": "HD95", "hd_paper": "HD 
 DIGITS = {"f1": 3, "iou": 3, "hd": 1, "hd95": 1, "hd_paper": 1}
 DELTAS = ("f1", "iou")
 DASH = "–"
+MODELS = ("teacher", "student", "segnet")  # segnet: the network of a comparison row (ikdmil.methods)
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -48,10 +50,13 @@ def collect(plan) -> list[dict]:
         if not job.finished():
             continue
         results = json.loads((job.run_dir / MARKER).read_text())["results"]
-        teacher_dir = job.run_dir if job.kind == "teacher" else job.teacher.run_dir
-        models = {"teacher": _test(results, "teacher")}
-        if VARIANTS[variant].student:
-            models["student"] = _test(results, "student")
+        teacher_dir = job.run_dir if job.teacher is None else job.teacher.run_dir
+        if job.kind == "method":
+            models = {"segnet": _test(results, "segnet")}
+        else:
+            models = {"teacher": _test(results, "teacher")}
+            if VARIANTS[variant].student:
+                models["student"] = _test(results, "student")
         records.append({"backbone": backbone, "variant": variant, "seed": seed,
                         "run_dir": str(job.run_dir.relative_to(plan.out)),
                         "teacher_dir": str(teacher_dir.parent.relative_to(plan.out)),
@@ -64,7 +69,7 @@ def aggregate(records: list[dict]) -> list[dict]:
     """Rows (backbone, variant, model) in the order first seen, with per-seed values and mean ± std."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        for model in ("teacher", "student"):
+        for model in MODELS:
             if model in r["models"]:
                 groups.setdefault((r["backbone"], r["variant"], model), []).append(r)
     rows = []
@@ -86,7 +91,7 @@ def aggregate(records: list[dict]) -> list[dict]:
                 mean, std = mean_std(diffs)
                 row["delta"][m] = {"mean": mean, "std": std, "values": diffs}
         rows.append(row)
-    order = {"teacher": 0, "student": 1}
+    order = {m: i for i, m in enumerate(MODELS)}
     first = {}
     for i, row in enumerate(rows):
         first.setdefault((row["backbone"], row["variant"]), i)
@@ -116,7 +121,8 @@ def format_markdown(rows: list[dict], plan) -> str:
              f"Command: `ikdmil experiment {s.data} --out {s.out} --profile {s.profile} --variants "
              f"{','.join(plan.variants)} --seeds {s.seeds}"
              + (f" --seed-start {s.seed_start}" if s.seed_start else "")
-             + (f" --backbones {','.join(plan.backbones)}" if s.backbones else "") + "`",
+             + (f" --backbones {','.join(plan.backbones)}" if s.backbones else "")
+             + "".join(f" --set {item}" for item in s.set) + "`",
              "",
              "| backbone | variant | model | seeds | " + " | ".join(LABELS[m] for m in METRICS) + " | ΔF1 | ΔIoU |",
              "|---|---|---|---|" + "---|" * (len(METRICS) + 2)]

@@ -59,6 +59,16 @@ _ALL = [
     Variant("wd-authors", "weight decay of the authors' code: 5e-5 on batch sums = 5e-5 / batch size on "
             "our batch means (3.1e-6 at batch 16)",
             lambda cfg: {"weight_decay": AUTHORS_WEIGHT_DECAY / cfg.batch_size}, paper="issue 9 (7.)"),
+    # Table 1's comparison rows: other training methods (ikdmil.methods), each one standalone run per seed
+    # that reports its segmentation network (model "segnet"); they share no teacher with IKD.
+    Variant("oeem", "OEEM: CAM pseudo-masks -> segmentation network with online easy-example mining",
+            {"method": "oeem"}, paper="Table 1"),
+    Variant("oaa", "OAA: CAMs accumulated (max) over classifier epochs -> pseudo-masks -> segmentation network",
+            {"method": "oaa"}, paper="Table 1"),
+    Variant("pistoseg", "PistoSeg: mosaics with exact masks + feature consistency -> refined pseudo-masks -> "
+            "segmentation network", {"method": "pistoseg"}, paper="Table 1"),
+    Variant("supervised-unet", "fully supervised reference: U-Net-style decoder trained on the pixel masks "
+            "(Dice + BCE); the ceiling row", {"method": "supervised-unet"}, paper="Table 1 (CAC-UNet row)"),
 ]
 VARIANTS: dict[str, Variant] = {v.name: v for v in _ALL}
 
@@ -83,7 +93,7 @@ class Profile:
 PROFILES: dict[str, Profile] = {p.name: p for p in [
     Profile("smoke", "seconds: 32 px, random init, one or two tiny epochs per phase (tests)",
             dict(input_size=32, batch_size=4, pretrained="none", lr=1e-3, teacher_epochs=1, fusion_epochs=1,
-                 distill_epochs=2, swap_every=1, eval_sigma=0.0, teacher_cache=True),
+                 distill_epochs=2, swap_every=1, eval_sigma=0.0, teacher_cache=True, cam_epochs=1, seg_epochs=1),
             dict(val_every=1, track_test=True)),
     # cpu: sized by a measurement on this 2-core CPU (GlaS prepared by `ikdmil prepare glas`: 68 train, 17 val,
     # 80 test images; 128 px, batch 16, VGG16 ImageNet init, torch 2.13 CPU; other jobs on the machine
@@ -94,12 +104,22 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
     # per seed 146 + 3 x 200 = ~750 s, so {mil, ikd, no-swap, no-wce} x 3 seeds = ~37 min (a fully
     # loaded machine, load 6-7, made the same epochs 3.5x slower). An engine that caches the teacher's
     # 8 dihedral views refreshes ~8x slower (~50 s per cycle): then about +10 min.
+    # The comparison rows get as many epochs as IKD's stages: 8 classifier epochs (the teacher's 8) and 8
+    # epochs per segmentation-network phase (the distillation's 8). Estimated from the measurements above
+    # (not measured: the decoder adds ~13 % to VGG16's 6.1 GFLOP per 128 px image, so a segmentation epoch
+    # is ~17 s + 4.5 s test_f1; a classifier epoch ~14.5 s): oeem ~5 min, oaa ~5.5 min, pistoseg ~12 min
+    # (its mosaic phase runs three images per step), supervised-unet ~3 min per seed; with mil + ikd
+    # (~6 min) all of Table 1 is ~31 min per seed, ~95 min for 3 seeds on an otherwise idle machine.
     Profile("cpu", "GlaS at 128 px on a 2-core CPU: 8 teacher + 2 fusion + 8 distillation epochs, swap check "
-            "every 4; {mil, ikd, no-swap, no-wce} x 3 seeds in about 37 min",
-            dict(input_size=128, batch_size=16, teacher_epochs=8, fusion_epochs=2, distill_epochs=8, swap_every=4),
+            "every 4; {mil, ikd, no-swap, no-wce} x 3 seeds in about 37 min; comparison rows: 8 classifier + 8 "
+            "epochs per segmentation phase",
+            dict(input_size=128, batch_size=16, teacher_epochs=8, fusion_epochs=2, distill_epochs=8, swap_every=4,
+                 cam_epochs=8, seg_epochs=8),
             dict(val_every=1, track_test=True)),
-    Profile("paper", "the paper's schedule: 256 px, 30 teacher + 10 fusion + 450 distillation epochs, swap every 30",
-            dict(input_size=256, batch_size=16, teacher_epochs=30, fusion_epochs=10, distill_epochs=450, swap_every=30),
+    Profile("paper", "the paper's schedule: 256 px, 30 teacher + 10 fusion + 450 distillation epochs, swap every 30; "
+            "comparison rows (our schedule, not their papers'): 30 classifier + 100 epochs per segmentation phase",
+            dict(input_size=256, batch_size=16, teacher_epochs=30, fusion_epochs=10, distill_epochs=450, swap_every=30,
+                 cam_epochs=30, seg_epochs=100),
             dict(val_every=1, track_test=True)),
 ]}
 
@@ -109,6 +129,9 @@ STAGE2_FIELDS = ("distill_epochs", "swap_every", "wce_scale", "kd_structure", "s
 # Fields that change where or how fast a run computes, not what it computes: a finished run is reused
 # whatever they were. (`data` is compared: the experiment resolves it to an absolute path.)
 MACHINE_FIELDS = ("out", "device", "workers", "loader", "cache_dir", "compile")
+# Fields only the comparison methods (ikdmil.methods other than ikd) read.
+METHOD_FIELDS = ("cam_epochs", "seg_epochs", "cam_threshold", "head_lr_scale", "decoder_width", "mosaic_grid",
+                 "consistency_scale")
 
 
 def config_fields() -> set[str]:
@@ -141,8 +164,17 @@ def _digest(d: dict) -> str:
 
 
 def comparable(cfg: RunConfig) -> dict:
-    """What a run computes: the config without the machine fields."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in MACHINE_FIELDS}
+    """What a run computes: the config without the machine fields, and for IKD runs without `method`
+    and the fields only the other methods read (so IKD runs keep the keys they had before those existed)."""
+    d = {k: v for k, v in cfg.to_dict().items() if k not in MACHINE_FIELDS}
+    if d.get("method", "ikd") == "ikd":
+        d = {k: v for k, v in d.items() if k not in ("method", *METHOD_FIELDS)}
+    return d
+
+
+def is_method_run(cfg: RunConfig) -> bool:
+    """A comparison row: one standalone run of another training method (no shared teacher)."""
+    return getattr(cfg, "method", "ikd") != "ikd"
 
 
 def run_key(cfg: RunConfig) -> str:

@@ -1,14 +1,20 @@
 """The one place that knows training-method names.
 
 A method turns a `RunConfig` into model files in `cfg.out` that `ikdmil evaluate` and `predict`
-accept (`teacher.safetensors`, `student.safetensors`, `model.safetensors`), and returns the results
+accept (`teacher.safetensors`, `student.safetensors` for IKD, `segnet.safetensors` for the comparison
+rows; always `model.safetensors`, the one selected on validation), and returns the results
 dict it wrote to `cfg.out/results.json` (`models` -> role -> `val_score`, `test` metrics; `selected`).
 
 Register one with `@register_method("name", summary=...)` on a function
 `train(cfg, *, resume=False, progress=True, **options) -> dict`. Most methods subclass
 `ikdmil.engine.run.TrainingRun`, which already owns the data, loader, checkpoints, validation
 scoring and `finish` (test metrics, `results.json`), and add only their phases: a CAM baseline is
-one file in this package plus its line in `BUILTIN` below.
+one file in this package (on `ikdmil.methods.cam.CamRun` / `ikdmil.methods.base.SegRun`) plus its
+line in `BUILTIN` below.
+
+Built in: `ikd` (IKD-MIL, the default), `oeem`, `oaa`, `pistoseg` (CAM pseudo-supervision
+baselines, `ikdmil.methods.cam`), `supervised-unet` (the fully supervised reference, the only one
+that reads training masks).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from typing import Callable
 from ikdmil.errors import IkdmilError
 
 #: modules of this package that register the built-in methods (imported on first lookup)
-BUILTIN = ("ikdmil.methods.ikd",)
+BUILTIN = ("ikdmil.methods.ikd", "ikdmil.methods.oeem", "ikdmil.methods.oaa", "ikdmil.methods.pistoseg",
+           "ikdmil.methods.supervised")
 
 
 @dataclass(frozen=True)

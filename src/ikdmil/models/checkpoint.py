@@ -2,6 +2,12 @@
 
 A model file written here loads without running any pickled code, and loading a file made for
 another backbone (or not made by ikdmil at all) fails with a message instead of a shape traceback.
+
+Metadata (`ikdmil` key, JSON): `format`, `backbone`, `head` (which network is built on the
+backbone: "mil" = `MILSegmenter`, side heads + fusion; "segnet" = `ikdmil.models.segnet.SegNet`,
+with its `decoder_width`; files without `head` are MIL models), `side_taps` where the backbone has
+them, and what the writer adds: `method` (the training method, e.g. ikd, oeem), `role`,
+`val_score`, `input_size`, `mpp`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ FORMAT = "ikdmil-model-1"
 def save_model(model, path: str | Path, **meta) -> Path:
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    info = {"format": FORMAT, "backbone": model.name, **meta}
+    info = {"format": FORMAT, "backbone": model.name, **meta, "head": getattr(model, "head", "mil")}
+    info.update(getattr(model, "file_meta", {}))  # what rebuilds the network (e.g. decoder_width)
     if getattr(model, "side_taps", None):  # rebuilt by load_model (files without it: the backbone's default)
         info["side_taps"] = model.side_taps
     with atomic_path(path) as tmp:
@@ -80,7 +87,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", expect_back
         >>> meta["input_size"]
         256
     """
-    from ikdmil.models import available_backbones, create_model
+    from ikdmil.models import available_backbones
 
     path = Path(path)
     meta = read_model_meta(path)
@@ -94,7 +101,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", expect_back
             f"{path}: made for backbone {meta['backbone']!r}, which this ikdmil does not have "
             f"(it has: {', '.join(available_backbones())}); use a model trained with one of those"
         )
-    model, _ = create_model(meta["backbone"], pretrained="none")
+    model = _build(meta, path)
     if meta.get("side_taps") and model.side_taps is not None:
         try:
             model.set_side_taps(meta["side_taps"])
@@ -108,6 +115,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", expect_back
         ) from None
     load_state_checked(model, state, path)
     return model.to(device), meta
+
+
+def _build(meta: dict, path: Path):
+    """The untrained network the metadata describes (`head`: mil, the default, or segnet)."""
+    from ikdmil.models import create_model
+    from ikdmil.models.segnet import HEAD as SEGNET, create_segnet
+
+    head = meta.get("head", "mil")
+    if head == "mil":
+        return create_model(meta["backbone"], pretrained="none")[0]
+    if head == SEGNET:
+        width = meta.get("decoder_width")
+        if not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= 4096:
+            raise IkdmilError(f"{path}: damaged metadata (decoder_width {width!r}); copy the file again or retrain")
+        return create_segnet(meta["backbone"], pretrained="none", width=width)[0]
+    raise IkdmilError(f"{path}: a {head!r} network, which this ikdmil cannot build (it has: mil, {SEGNET}); use the "
+                      "ikdmil version that wrote it, or retrain")
 
 
 def load_state_checked(model, state: dict, source: str | Path) -> None:

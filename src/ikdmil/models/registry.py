@@ -43,6 +43,16 @@ def available_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def create_backbone(name: str, pretrained: str | None = "imagenet") -> tuple[nn.Module, str]:
+    """The registered backbone alone (no heads): `(module, message)`; its forward maps a normalised
+    (B,3,H,W) tensor to one feature map per entry of `module.out_channels`. The segmentation network
+    and the CAM classifier of the comparison methods (`ikdmil.models.segnet`, `ikdmil.methods.cam`)
+    are built on it."""
+    if name not in _REGISTRY:
+        raise IkdmilError(f"unknown backbone {name!r}; choose one of: {', '.join(available_backbones())}")
+    return _REGISTRY[name](pretrained=pretrained)
+
+
 def create_model(name: str, pretrained: str | None = "imagenet", verbose: bool = False):
     """Build a registered backbone wrapped in a `MILSegmenter` (side heads + fusion).
 
@@ -63,7 +73,5 @@ def create_model(name: str, pretrained: str | None = "imagenet", verbose: bool =
     """
     from ikdmil.models.heads import MILSegmenter
 
-    if name not in _REGISTRY:
-        raise IkdmilError(f"unknown backbone {name!r}; choose one of: {', '.join(available_backbones())}")
-    backbone, message = _REGISTRY[name](pretrained=pretrained)
+    backbone, message = create_backbone(name, pretrained)
     return MILSegmenter(backbone, name), message
