@@ -68,15 +68,16 @@ class LoadedModel:
     def fused(self, x: torch.Tensor) -> torch.Tensor:
         """(B,H,W) float32 fused probability on the device for a uint8 (B,3,H,W) batch.
 
-        Raises a one-line IkdmilError naming the model file when an output is NaN or infinite (such a
-        value would make every map, measurement and JSON file downstream meaningless or invalid).
+        Raises a one-line IkdmilError naming the model file (the caller adds the input) when an output
+        is NaN or infinite: such a value would make every map, measurement and JSON file downstream
+        meaningless or invalid.
         """
         y = fused_forward(self.model, x, self.device, self.amp)[:, 0].float()
         if not bool(torch.isfinite(y).all()):
             raise IkdmilError(
-                f"{self.path}: the model's output holds NaN or infinite values for these tiles (its weights "
-                "overflow on them); nothing was written for them: use another model file (e.g. an earlier "
-                "checkpoint), or --no-amp if this happens only with AMP on CUDA"
+                f"the model {self.path} gives NaN or infinite values on this input (its weights overflow on "
+                "it), so nothing was written for it; use another model file (e.g. an earlier checkpoint), or "
+                "--no-amp if this happens only with AMP on CUDA"
             )
         return y
 

@@ -98,39 +98,41 @@ def read_marker(folder: Path) -> dict | None:
 _KIND_WORDS = {"slide": "a slide's outputs", "masks": "patch masks", "overlays": "patch overlays"}
 
 
-def check_owned(folder: Path, kind: str, exact: bool = False) -> bool:
+def check_owned(folder: Path, kind: str, exact: bool = False, subject: Path | None = None) -> bool:
     """Raise a one-line IkdmilError unless `folder` may be written as `kind`; True when it exists.
 
     Absent or empty folders may always be taken. `exact`: the folder is to be replaced as a whole, so
-    it must hold nothing but its marker and the files the marker lists.
+    it must hold nothing but its marker and the files the marker lists. `subject`: the input whose
+    output `folder` is (the message then starts with it).
     """
+    lead = f"{subject}: its output folder {folder}" if subject is not None else f"{folder}:"
     fix = "move or rename it, or choose another --out"
     if folder.is_symlink():
-        raise IkdmilError(f"{folder}: is a symbolic link, which ikdmil predict does not replace or write into; {fix}")
+        raise IkdmilError(f"{lead} is a symbolic link, which ikdmil predict does not replace or write into; {fix}")
     if not folder.exists():
         return False
     if not folder.is_dir():
-        raise IkdmilError(f"{folder}: is a file where ikdmil predict would write {_KIND_WORDS[kind]}; {fix}")
+        raise IkdmilError(f"{lead} is a file where ikdmil predict would write {_KIND_WORDS[kind]}; {fix}")
     try:
         entries = sorted(os.listdir(folder))
     except OSError as exc:
-        raise IkdmilError(f"{folder}: cannot be read ({exc.strerror}); {fix}") from None
+        raise IkdmilError(f"{lead} cannot be read ({exc.strerror}); {fix}") from None
     if not entries:
         return True
     info = read_marker(folder)
     if info is None:
-        raise IkdmilError(f"{folder}: exists and was not written by ikdmil predict (no {MARKER} marker), so it is "
+        raise IkdmilError(f"{lead} exists and was not written by ikdmil predict (no {MARKER} marker), so it is "
                           f"left alone; {fix}")
     if info["kind"] != kind:
         fix = ("rename the slide file (its outputs go to OUT/NAME) or choose another --out" if kind == "slide" else
                "predict the patch images into another --out, or move that folder")
-        raise IkdmilError(f"{folder}: holds {_KIND_WORDS.get(info['kind'], info['kind'])} written by ikdmil "
+        raise IkdmilError(f"{lead} holds {_KIND_WORDS.get(info['kind'], info['kind'])} written by ikdmil "
                           f"predict, not {_KIND_WORDS[kind]}; {fix}")
     if exact:
         listed = set(info.get("files") or []) | {MARKER}
         foreign = [e for e in entries if e not in listed]
         if foreign:
-            raise IkdmilError(f"{folder}: holds {foreign[0]!r}, which ikdmil predict did not write, so the folder is "
+            raise IkdmilError(f"{lead} holds {foreign[0]!r}, which ikdmil predict did not write, so the folder is "
                               f"not replaced; move that file out of it, or choose another --out")
     return True
 
@@ -138,9 +140,10 @@ def check_owned(folder: Path, kind: str, exact: bool = False) -> bool:
 def take_patch_folders(out: Path) -> None:
     """Check and mark OUT/masks and OUT/overlays for patch outputs (under the lock of `out`)."""
     with locked(out):
+        for name in PATCH_FOLDERS:  # both checked before either is made
+            check_owned(out / name, name)
         for name in PATCH_FOLDERS:
             folder = out / name
-            check_owned(folder, name)
             folder.mkdir(exist_ok=True)
             if read_marker(folder) is None:
                 write_marker(folder, name)

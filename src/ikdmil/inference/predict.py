@@ -125,7 +125,7 @@ def predict(model: str | os.PathLike, inputs: list[str | os.PathLike], out: str 
             else:
                 patch_folders_ok = True
                 bad = predict_patches(lm, patch_paths, out, settings, progress, patches)
-                failures.extend((str(p), " ".join(m.split())) for p, m in bad)
+                failures.extend((str(p), _naming(p, m)) for p, m in bad)
                 say(f"{len(patches)} patch images: masks in {out / 'masks'}, overlays in {out / 'overlays'}")
     finally:  # also when interrupted: the index lists what this run finished
         done = [Path(s["path"]) for s in slides if s.get("path")] + [Path(e["image"]) for e in patches]
@@ -157,10 +157,16 @@ def predict_slides(lm: LoadedModel, paths: list[Path], out: Path, settings: Pred
         except KeyboardInterrupt:
             raise
         except IkdmilError as exc:
-            failures.append((str(p), " ".join(str(exc).split())))
+            failures.append((str(p), _naming(p, str(exc))))
         except Exception as exc:  # noqa: BLE001 - one bad slide must not stop the batch
             failures.append((str(p), f"{p}: failed ({type(exc).__name__}: {one_line(exc)})"))
     return slides, failures
+
+
+def _naming(path: Path, message: str) -> str:
+    """`message` on one line, led by the input's path unless it names it (e.g. an error about the model)."""
+    message = " ".join(message.split())
+    return message if str(path) in message else f"{path}: {message}"
 
 
 def predict_patches(lm: LoadedModel, paths: list[Path], out: Path, settings: PredictSettings,

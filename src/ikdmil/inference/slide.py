@@ -63,6 +63,7 @@ OUTPUT_FILES = ["probability.tif", "mask.tif", "tumour.geojson", "overlay.png", 
                 SUMMARY_NAME]
 #: the most a slide is enlarged to reach the model's resolution (model px per level-0 px); more is a mistake
 MAX_UPSAMPLE = 4.0
+_MPP_SOURCE = {"--model-mpp": "--model-mpp", "model file": "the model file's"}
 
 
 @dataclass
@@ -91,13 +92,13 @@ def predict_slide(lm: LoadedModel, slide_path: Path, out_dir: Path, settings: Pr
     t_start = time.perf_counter()
     if slide is None and not slide_path.exists():
         raise IkdmilError(f"{slide_path}: not found; check the path (give slide or image files, or folders of them)")
-    check_owned(out_dir, "slide")
+    check_owned(out_dir, "slide", subject=slide_path)
     key = _settings_key(lm, settings, slide_path)
     old = _finished_summary(out_dir, key) if not settings.overwrite else None
     if old is not None:
         old["status"] = "skipped"
         return old
-    check_owned(out_dir, "slide", exact=True)  # it will be replaced: refuse before any work
+    check_owned(out_dir, "slide", exact=True, subject=slide_path)  # it will be replaced: refuse before any work
     slide = slide or open_slide(slide_path, settings.mpp)
     try:
         job = plan_slide(lm, slide, slide_path, settings)
@@ -110,7 +111,7 @@ def predict_slide(lm: LoadedModel, slide_path: Path, out_dir: Path, settings: Pr
             write_text(tmp / SUMMARY_NAME, json.dumps(summary, indent=2, allow_nan=False) + "\n")
             write_marker(tmp, "slide", OUTPUT_FILES)
             with locked(out_dir.parent):  # another run may have written out_dir meanwhile
-                check_owned(out_dir, "slide", exact=True)
+                check_owned(out_dir, "slide", exact=True, subject=slide_path)
                 replace_folder(tmp, out_dir, hidden=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -129,7 +130,8 @@ def plan_slide(lm: LoadedModel, slide: Slide, slide_path: Path, settings: Predic
         where = "--mpp" if slide.mpp_source == "--mpp" else "the slide's metadata"
         raise IkdmilError(
             f"{slide_path}: at {max(mpp):g} µm/px ({where}) the slide would be enlarged {enlarge:.0f}x to the "
-            f"model's {lm.mpp:g} µm/px ({lm.mpp_source}), more than {MAX_UPSAMPLE:g}x; check --mpp (micrometres per "
+            f"model's {lm.mpp:g} µm/px ({_MPP_SOURCE.get(lm.mpp_source, 'the default: the model file has none')}), "
+            f"more than {MAX_UPSAMPLE:g}x; check --mpp (micrometres per "
             "pixel, e.g. 0.25 at 40x, 0.5 at 20x, not a magnification) and --model-mpp"
         )
     model_size = (slide.dimensions[0] * mpp[0] / lm.mpp, slide.dimensions[1] * mpp[1] / lm.mpp)

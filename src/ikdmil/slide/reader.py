@@ -212,13 +212,14 @@ class TiffStripSlide(Slide):
         if np.dtype(dtype) not in (np.uint8, np.uint16) or spp not in (1, 3, 4) or (
                 spp > 1 and int(page.planarconfig) != 1) or int(page.photometric) not in (1, 2):
             raise IkdmilError(
-                f"{self.path}: a {w} x {h} px TIFF ({w * h / 1e6:.0f} Mpx, above the {limit / 1e6:.0f} Mpx limit for "
+                f"{self.path}: a {w} x {h} px TIFF ({_mpx(w * h)}, above the {_mpx(limit)} limit for "
                 f"plain images decoded whole) whose layout ({dtype}, {spp} samples, photometric "
                 f"{int(page.photometric)}) cannot be read strip by strip" + convert)
         if self._seg_h * self._seg_w > limit:
             raise IkdmilError(
-                f"{self.path}: a {w} x {h} px TIFF stored in strips of {self._seg_h} rows ({self._seg_h * self._seg_w / 1e6:.0f} "
-                f"Mpx each, above the {limit / 1e6:.0f} Mpx limit), so it cannot be read piecewise" + convert)
+                f"{self.path}: a {w} x {h} px TIFF stored in strips of {self._seg_h} rows "
+                f"({_mpx(self._seg_h * self._seg_w)} each, above the {_mpx(limit)} limit), so it cannot be read "
+                "piecewise" + convert)
         self._grid_w = -(-w // self._seg_w)
         n = self._grid_w * -(-h // self._seg_h)
         offsets, counts = page.dataoffsets, page.databytecounts
@@ -292,6 +293,10 @@ class TiffStripSlide(Slide):
 _DEFLATE_MAX_RATIO = 2000
 
 
+def _mpx(pixels: int) -> str:
+    return f"{pixels / 1e6:.0f} Mpx" if pixels >= 10_000_000 else f"{pixels / 1e6:.2g} Mpx"
+
+
 def _truncated(path: Path, w: int, h: int, why: str) -> IkdmilError:
     return IkdmilError(f"{path}: the image header says {w} x {h} px but {why}: the file is truncated or damaged; "
                        "copy it again or re-export it")
@@ -317,7 +322,7 @@ def open_plain_image(path: Path, mpp: float | None = None) -> Slide:
         if fmt == "TIFF":
             return TiffStripSlide(path, mpp)
         raise IkdmilError(
-            f"{path}: a {w} x {h} px {fmt or 'image'} ({w * h / 1e6:.0f} Mpx), above the {limit / 1e6:.0f} Mpx limit for "
+            f"{path}: a {w} x {h} px {fmt or 'image'} ({_mpx(w * h)}), above the {_mpx(limit)} limit for "
             f"plain images, which {fmt or 'this format'} files must be decoded whole to read; convert it to a tiled "
             "pyramidal TIFF (e.g. vips tiffsave IN OUT.tif --tile --pyramid --compression deflate), or raise the "
             f"limit with {MAX_PIXELS_ENV}=N (about 3 bytes of memory per pixel)")
