@@ -18,6 +18,7 @@ import os
 import subprocess
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -441,15 +442,22 @@ def _geojson_outside(folder: Path) -> Path:
     return folder / "mask.geojson"
 
 
-@pytest.mark.parametrize("make", [_empty_png_mask, _geojson_outside], ids=["all-zero-image", "geojson-outside"])
-def test_a_tissue_mask_that_marks_nothing_fails_the_slide(world, tmp_path, capsys, make):
+def _mask_bomb(folder: Path) -> Path:
+    return png_header(folder / "mask.png", 40000, 32000, zlib.compress(b"\0" * 1000))
+
+
+@pytest.mark.parametrize("make, hints", [(_empty_png_mask, ["no tissue", "--tissue-mask"]),
+                                         (_geojson_outside, ["no tissue", "--tissue-mask"]),
+                                         (_mask_bomb, ["limit", MAX_PIXELS_ENV.lower()])],
+                         ids=["all-zero-image", "geojson-outside", "huge-header"])
+def test_a_tissue_mask_that_marks_nothing_fails_the_slide(world, tmp_path, capsys, make, hints):
     inputs = tmp_path / "in"
     s = slide(inputs, "a.tif", world["image"])
     mask = make(inputs)
     out = tmp_path / "OUT"
     before = checksum(tmp_path, skip=out)
     rc, _, err = cli(capsys, world["model"], s, "--out", out, "--tissue-mask", mask)
-    error_lines(rc, err, 1, [str(s), str(mask)], ["no tissue", "--tissue-mask"])
+    error_lines(rc, err, 1, [str(mask)], hints)
     assert not (out / "a").exists() and checksum(tmp_path, skip=out) == before
     assert_indexes_consistent(out)
 
@@ -647,3 +655,23 @@ def test_a_large_tiff_that_cannot_be_read_in_pieces_is_one_line(world, tmp_path,
     monkeypatch.setenv(MAX_PIXELS_ENV, "20000")
     rc, _, err = cli(capsys, world["model"], path, "--out", tmp_path / "OUT", "--patch-max", "100")
     error_lines(rc, err, 1, names, [hint])
+
+
+def test_the_overview_of_a_single_level_image_is_read_in_bounded_bands(tmp_path, monkeypatch):
+    import ikdmil.slide.reader as reader
+
+    yy, xx = np.mgrid[0:240, 0:320]  # 320 x 240, smooth like tissue (band edges lose a little filter support)
+    arr = np.stack([xx * 0.7, yy, (xx + yy) * 0.4], -1).astype(np.uint8)
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, arr, rowsperstrip=4, compression="zlib")
+    whole = reader.read_overview(reader.ImageSlide(path), 8.0)
+    reads = []
+    monkeypatch.setenv(MAX_PIXELS_ENV, "5000")
+    monkeypatch.setattr(reader, "OVERVIEW_READ_PIXELS", 320 * 40)
+    with reader.TiffStripSlide(path) as s:
+        real = s.read_region
+        s.read_region = lambda loc, level, size: reads.append(size) or real(loc, level, size)
+        banded = reader.read_overview(s, 8.0)
+    assert banded.shape == whole.shape == (30, 40, 3)
+    assert max(w * h for w, h in reads) <= 320 * 40 and len(reads) == 6
+    assert np.abs(banded.astype(int) - whole).mean() < 1.0

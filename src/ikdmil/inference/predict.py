@@ -72,7 +72,9 @@ def predict(model: str | os.PathLike, inputs: list[str | os.PathLike], out: str 
         model: a model file written by ``ikdmil train`` (``.safetensors`` or ``.pt``).
         inputs: slide files, plain images, or folders of them (not recursive).
         out: the output folder (created); one subfolder per slide, ``masks/`` and ``overlays/`` for
-            patch images, ``predict_config.yaml`` and ``predict_summary.json``.
+            patch images, ``predict_config.yaml`` and ``predict_summary.json``. It may hold earlier
+            runs' outputs (added to) and the user's files (never replaced): see
+            `ikdmil.inference.outputs`.
         settings: every option of ``ikdmil predict``; None: the defaults.
         progress: show tqdm progress bars.
         echo: called with one line per slide and one for the patch images; None: the lines go to

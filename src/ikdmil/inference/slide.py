@@ -387,9 +387,29 @@ def _user_mask_for(settings: PredictSettings, slide_path: Path) -> str | None:
         for ext in (".geojson", ".json", ".png", ".tif", ".tiff", ".jpg", ".bmp"):
             cand = p / (slide_path.stem + ext)
             if cand.is_file():
-                return str(cand)
+                return _check_mask_image(cand)
         raise IkdmilError(
             f"{p}: no tissue mask for {slide_path.name} (expected {slide_path.stem}.geojson or {slide_path.stem}.png); "
             "add it or drop --tissue-mask"
         )
-    return str(p)
+    return _check_mask_image(p)
+
+
+def _check_mask_image(path: Path) -> str:
+    """A tissue mask image is decoded whole: refuse one above `max_image_pixels()` before decoding it."""
+    from ikdmil.io import MAX_PIXELS_ENV, max_image_pixels
+
+    if not path.is_file() or path.suffix.lower() in (".geojson", ".json"):
+        return str(path)  # a GeoJSON file, or a missing one (reported by the tissue module)
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except (OSError, ValueError, SyntaxError):
+        return str(path)  # unreadable: reported by the tissue module
+    limit = max_image_pixels()
+    if w * h > limit:
+        raise IkdmilError(
+            f"{path}: tissue mask header says {w} x {h} px, above the {limit / 1e6:.3g} Mpx limit for mask images; "
+            f"save the mask smaller (any scale of the slide will do), or raise the limit with {MAX_PIXELS_ENV}=N"
+        )
+    return str(path)

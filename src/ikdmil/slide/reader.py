@@ -527,16 +527,20 @@ OVERVIEW_READ_PIXELS = 4096 * 4096
 
 def read_overview(slide: Slide, downsample: float, chunk: int = 1024) -> np.ndarray:
     """The whole slide at `downsample` (level-0 px per output px), read chunk by chunk (bounded memory:
-    a chunk never reads more than `OVERVIEW_READ_PIXELS` from the level it comes from)."""
+    a chunk reads at most about `OVERVIEW_READ_PIXELS` from the level it comes from)."""
     W, H = slide.dimensions
     ow, oh = max(1, math.ceil(W / downsample)), max(1, math.ceil(H / downsample))
     factor = downsample / slide.level_downsamples[slide.best_level(downsample)]  # level px per output px
-    if (chunk * factor) ** 2 > OVERVIEW_READ_PIXELS:
-        chunk = max(16, int(math.sqrt(OVERVIEW_READ_PIXELS) / factor))
+    step_x, step_y = min(chunk, ow), min(chunk, oh)
+    if step_x * step_y * factor * factor > OVERVIEW_READ_PIXELS:
+        # a level much finer than the overview (a single-level image): full-width bands, so each row of
+        # the level is read once (a strip-by-strip reader decodes every strip once)
+        step_x = ow
+        step_y = max(1, int(OVERVIEW_READ_PIXELS / (ow * factor * factor)))
     out = np.empty((oh, ow, 3), np.uint8)
-    for y0 in range(0, oh, chunk):
-        for x0 in range(0, ow, chunk):
-            cw, ch = min(chunk, ow - x0), min(chunk, oh - y0)
+    for y0 in range(0, oh, step_y):
+        for x0 in range(0, ow, step_x):
+            cw, ch = min(step_x, ow - x0), min(step_y, oh - y0)
             out[y0:y0 + ch, x0:x0 + cw] = read_scaled(
                 slide, (x0 * downsample, y0 * downsample, cw * downsample, ch * downsample), (cw, ch))
     return out
