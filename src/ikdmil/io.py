@@ -270,7 +270,11 @@ def composite_over_white(rgba: Image.Image) -> np.ndarray:
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """Read any common image as uint8 HxWx3 RGB (see the module docstring for conversions)."""
     path = Path(path)
-    img = open_image(path)
+    return image_to_rgb(open_image(path), path)
+
+
+def image_to_rgb(img: Image.Image, path: Path) -> np.ndarray:
+    """A decoded Pillow image as uint8 HxWx3 RGB, by the conversions of the module docstring (errors name `path`)."""
     try:
         if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
             arr = composite_over_white(img.convert("RGBA"))

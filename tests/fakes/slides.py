@@ -8,11 +8,15 @@
 - `write_asap_xml`: ASAP / Camelyon16 annotation XML (polygons in groups, e.g. "_0", "_1", "_2");
 - `make_fake_camelyon16`, `make_fake_digestpath`: whole source folders for the preparers;
 - `dark_detector_model`: a model file whose "backbone" marks dark (tumour-purple) pixels as tumour,
-  so end-to-end tests know where the prediction must land.
+  so end-to-end tests know where the prediction must land (`weight=float("nan")`: a diverged model);
+- `png_header`: a PNG of a few bytes whose header claims any size (a decompression bomb), with or
+  without (truncated) pixel data.
 """
 
 from __future__ import annotations
 
+import struct
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -192,9 +196,11 @@ def dark_backbone():
         registry._REGISTRY.update(saved)
 
 
-def dark_detector_model(path, input_size: int = 64, **meta) -> Path:
+def dark_detector_model(path, input_size=64, weight: float = 30.0, **meta) -> Path:
     """A model file: tumour probability = sigmoid(30 * (darkness - 0.45)); purple paint is dark, pink is not.
 
+    `weight` replaces the 30 (NaN or inf: a model whose training diverged); `input_size` and `meta`
+    go into the file's metadata as given (any value, for tests of damaged metadata).
     Loading it needs the "test-dark" backbone: use it inside `with dark_backbone():`.
     """
     from ikdmil.models import create_model
@@ -203,7 +209,7 @@ def dark_detector_model(path, input_size: int = 64, **meta) -> Path:
     _register_dark()
     model, _ = create_model("test-dark", pretrained="none")
     with torch.no_grad():
-        model.side_heads[0].weight.fill_(30.0)
+        model.side_heads[0].weight.fill_(weight)
         model.side_heads[0].bias.fill_(-30.0 * 0.45)
     return save_model(model, path, input_size=input_size, **meta)
 
@@ -224,3 +230,17 @@ def random_model(path, backbone: str, input_size: int = 64, seed: int = 0, gain:
         for head in model.side_heads:
             head.weight.mul_(gain)
     return save_model(model, path, input_size=input_size)
+
+
+def png_header(path, width: int, height: int, pixels: bytes | None = None) -> Path:
+    """An 8-bit RGB PNG whose header says `width` x `height`; `pixels`: the (compressed) IDAT payload,
+    None for none at all (header only)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + (chunk(b"IDAT", pixels) if pixels is not None else b"") + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    return path

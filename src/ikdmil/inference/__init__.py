@@ -2,6 +2,7 @@
 
 Modules: `settings` (every option), `tiling` (geometry, blending window, band stitcher, tile
 dataset), `model` (loading, the eval-mode forward pass, smoothing), `slide` (one slide's outputs),
+`outputs` (what predict owns in OUT: folder markers, the lock, the merged index files),
 `predict` (the batch driver, patch images, the report).
 """
 

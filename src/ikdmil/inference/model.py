@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ikdmil.device import autocast
-from ikdmil.inference.settings import DEFAULT_MODEL_MPP, PredictSettings
+from ikdmil.errors import IkdmilError
+from ikdmil.inference.settings import DEFAULT_MODEL_MPP, MAX_SLIDE_MPP, PredictSettings
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,20 @@ class LoadedModel:
     net_stride: int = 1  # the backbone's coarsest output stride (tile origins are aligned to it)
 
     def fused(self, x: torch.Tensor) -> torch.Tensor:
-        """(B,H,W) float32 fused probability on the device for a uint8 (B,3,H,W) batch."""
-        return fused_forward(self.model, x, self.device, self.amp)[:, 0].float()
+        """(B,H,W) float32 fused probability on the device for a uint8 (B,3,H,W) batch.
+
+        Raises a one-line IkdmilError naming the model file (the caller adds the input) when an output
+        is NaN or infinite: such a value would make every map, measurement and JSON file downstream
+        meaningless or invalid.
+        """
+        y = fused_forward(self.model, x, self.device, self.amp)[:, 0].float()
+        if not bool(torch.isfinite(y).all()):
+            raise IkdmilError(
+                f"the model {self.path} gives NaN or infinite values on this input (its weights overflow on "
+                "it), so nothing was written for it; use another model file (e.g. an earlier checkpoint), or "
+                "--no-amp if this happens only with AMP on CUDA"
+            )
+        return y
 
 
 def load_for_inference(path: str | os.PathLike, settings: PredictSettings) -> LoadedModel:
@@ -76,20 +89,55 @@ def load_for_inference(path: str | os.PathLike, settings: PredictSettings) -> Lo
 
     device = resolve_device(settings.device)
     model, meta = load_model(path, device)
+    _check_finite_weights(model, path)
     model = model.to(memory_format=torch.channels_last).eval()
     if settings.model_mpp is not None:
         mpp, source = float(settings.model_mpp), "--model-mpp"
-    elif isinstance(meta.get("mpp"), (int, float)) and meta["mpp"] > 0:
-        mpp, source = float(meta["mpp"]), "model file"
+    elif meta.get("mpp") is not None:
+        mpp, source = _meta_number(path, meta, "mpp", float, "--model-mpp", "a resolution in µm/px",
+                                   lambda v: 0 < v <= MAX_SLIDE_MPP), "model file"
     else:
         mpp, source = DEFAULT_MODEL_MPP, "default (model file has no mpp)"
     batch = settings.batch_size or (32 if device.type == "cuda" else 4)
-    lm = LoadedModel(model, meta, Path(path), device, int(meta.get("input_size", 256)), mpp, source,
-                     settings.amp, batch)
+    if settings.tile_size is not None and not _meta_ok(meta.get("input_size", 256), int, lambda v: v >= 16):
+        input_size = settings.tile_size  # the option stands in for damaged metadata
+    else:
+        input_size = _meta_number(path, meta, "input_size", int, "--tile-size", "a size in px of at least 16",
+                                  lambda v: v >= 16, default=256)
+    lm = LoadedModel(model, meta, Path(path), device, input_size, mpp, source, settings.amp, batch)
     if settings.tile_size is None and settings.overlap is None:
         lm.reach, lm.net_stride = _reach_of(model, meta)
     logger.debug("model %s on %s: %s µm/px (%s), batch %d, reach %s px", path, device, mpp, source, batch, lm.reach)
     return lm
+
+
+def _meta_ok(value, tp: type, ok) -> bool:
+    from ikdmil.config import coerce
+
+    try:
+        v = coerce(value, tp)
+    except ValueError:
+        return False
+    return math.isfinite(v) and ok(v)
+
+
+def _meta_number(path, meta: dict, key: str, tp: type, option: str, what: str, ok, default=None):
+    """meta[key] as `tp` when `ok`, else a one-line error naming the model file, the key and the option."""
+    from ikdmil.config import coerce
+
+    raw = meta.get(key, default)
+    if _meta_ok(raw, tp, ok):
+        return coerce(raw, tp)
+    raise IkdmilError(f"{path}: model metadata {key} is {raw!r}, expected {what}; the file is damaged or was "
+                      f"edited: pass {option} to override it, or use another model file")
+
+
+def _check_finite_weights(model: torch.nn.Module, path) -> None:
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise IkdmilError(f"{path}: weight {name} holds NaN or infinite values (training diverged, or the file "
+                              "is damaged), so every output would be NaN; use another model file, e.g. an earlier "
+                              "checkpoint or the teacher")
 
 
 def _reach_of(model: torch.nn.Module, meta: dict) -> tuple[int | None, int]:

@@ -11,13 +11,19 @@ and plain images larger than `PredictSettings.patch_max`) or a *patch* (smaller 
   OUT/patches.json lists each image's tumour fraction.
 
 OUT/predict_config.yaml records the model, inputs and settings; OUT/predict_summary.json lists
-every slide, the number of patches and every failure. Progress lines go to the ``ikdmil.inference``
-logger (level INFO) unless the caller passes `echo`.
+every slide, the number of patches and every failure. Several runs into one OUT add to these files
+(merged under a lock; a run with other settings gets predict_config-2.yaml, ...), and predict never
+replaces or writes into a folder it did not write: see `ikdmil.inference.outputs` for the rules per
+file. The index files are written even when a run is interrupted, listing what it finished.
+Progress lines go to the ``ikdmil.inference`` logger (level INFO) unless the caller passes `echo`.
+
+An input that is missing, unreadable or implausible (see `ikdmil.inference.slide`), or whose output
+folder is not predict's, fails on its own with a one-line message; the batch goes on.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -32,15 +38,16 @@ from tqdm.auto import tqdm
 from ikdmil import __version__
 from ikdmil.errors import IkdmilError
 from ikdmil.inference.model import LoadedModel, gaussian_smooth, load_for_inference
+from ikdmil.inference.outputs import CONFIG_NAME, PATCH_FOLDERS, merge_indexes, record_config, take_patch_folders
 from ikdmil.inference.settings import PredictSettings
 from ikdmil.inference.slide import predict_slide
 from ikdmil.inference.tiling import resolve_tiling
-from ikdmil.io import one_line, read_rgb, write_png, write_text
+from ikdmil.io import one_line, read_rgb, remove_stale_temps, write_png
 from ikdmil.slide.reader import PLAIN_SUFFIXES, expand_inputs, is_plain_image
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "predict_config.yaml"
+__all__ = ["CONFIG_NAME", "PredictReport", "predict"]
 
 
 @dataclass
@@ -65,7 +72,9 @@ def predict(model: str | os.PathLike, inputs: list[str | os.PathLike], out: str 
         model: a model file written by ``ikdmil train`` (``.safetensors`` or ``.pt``).
         inputs: slide files, plain images, or folders of them (not recursive).
         out: the output folder (created); one subfolder per slide, ``masks/`` and ``overlays/`` for
-            patch images, ``predict_config.yaml`` and ``predict_summary.json``.
+            patch images, ``predict_config.yaml`` and ``predict_summary.json``. It may hold earlier
+            runs' outputs (added to) and the user's files (never replaced): see
+            `ikdmil.inference.outputs`.
         settings: every option of ``ikdmil predict``; None: the defaults.
         progress: show tqdm progress bars.
         echo: called with one line per slide and one for the patch images; None: the lines go to
@@ -97,26 +106,45 @@ def predict(model: str | os.PathLike, inputs: list[str | os.PathLike], out: str 
     lm = load_for_inference(model, settings)
     resolve_tiling(settings.tile_size or lm.input_size, settings.overlap, settings.out_stride)  # option errors first
     out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, *(out / name for name in PATCH_FOLDERS)):
+        remove_stale_temps(folder)  # what killed runs left; temporaries of live runs are kept
     config_path = write_config(out, Path(model), paths, settings, lm)
 
     kinds = {p: classify_input(p, settings) for p in paths}
     slide_paths = [p for p in paths if kinds[p] == "slide"]
     patch_paths = [p for p in paths if kinds[p] == "patch"]
-    slides, failures = predict_slides(lm, slide_paths, out, settings, progress, say)
+    slides: list[dict] = []
     patches: list[dict] = []
-    if patch_paths:
-        patches, bad = predict_patches(lm, patch_paths, out, settings, progress)
-        failures.extend((str(p), " ".join(m.split())) for p, m in bad)
-        write_text(out / "patches.json", json.dumps({"threshold": settings.threshold, "images": patches}, indent=2) + "\n")
-        say(f"{len(patches)} patch images: masks in {out / 'masks'}, overlays in {out / 'overlays'}")
-    write_batch_summary(out, slides, patches, failures)
+    failures: list[tuple[str, str]] = []
+    patch_folders_ok = False
+    try:
+        predict_slides(lm, slide_paths, out, settings, progress, say, slides, failures)
+        if patch_paths:
+            try:
+                take_patch_folders(out)
+            except IkdmilError as exc:  # masks/ or overlays/ is not predict's: no patch image is written
+                failures.append((str(out / "masks"), " ".join(str(exc).split())))
+            else:
+                patch_folders_ok = True
+                bad = predict_patches(lm, patch_paths, out, settings, progress, patches)
+                failures.extend((str(p), _naming(p, m)) for p, m in bad)
+                say(f"{len(patches)} patch images: masks in {out / 'masks'}, overlays in {out / 'overlays'}")
+    finally:  # also when interrupted: the index lists what this run finished
+        done = [Path(s["path"]) for s in slides if s.get("path")] + [Path(e["image"]) for e in patches]
+        done += [out / "masks"] if patch_folders_ok else []
+        merge_indexes(out, slides, patches, failures, done, config_path.name)
     return PredictReport(slides, patches, failures, config_path)
 
 
 def predict_slides(lm: LoadedModel, paths: list[Path], out: Path, settings: PredictSettings, progress: bool,
-                   say: Callable[[str], object]) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Each slide into out/NAME/, one at a time; returns (summaries, failures as (input, one-line message))."""
-    slides, failures = [], []
+                   say: Callable[[str], object], slides: list[dict] | None = None,
+                   failures: list[tuple[str, str]] | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Each slide into out/NAME/, one at a time; returns (summaries, failures as (input, one-line message)).
+
+    `slides` and `failures`: lists to append to as slides finish (so an interrupted batch keeps them).
+    """
+    slides = [] if slides is None else slides
+    failures = [] if failures is None else failures
     for n, p in enumerate(paths, 1):
         try:
             s = predict_slide(lm, p, out / p.stem, settings, progress)
@@ -131,20 +159,30 @@ def predict_slides(lm: LoadedModel, paths: list[Path], out: Path, settings: Pred
         except KeyboardInterrupt:
             raise
         except IkdmilError as exc:
-            failures.append((str(p), " ".join(str(exc).split())))
+            failures.append((str(p), _naming(p, str(exc))))
         except Exception as exc:  # noqa: BLE001 - one bad slide must not stop the batch
             failures.append((str(p), f"{p}: failed ({type(exc).__name__}: {one_line(exc)})"))
     return slides, failures
 
 
+def _naming(path: Path, message: str) -> str:
+    """`message` on one line, led by the input's path unless it names it (e.g. an error about the model)."""
+    message = " ".join(message.split())
+    return message if str(path) in message else f"{path}: {message}"
+
+
 def predict_patches(lm: LoadedModel, paths: list[Path], out: Path, settings: PredictSettings,
-                    progress: bool = True) -> tuple[list[dict], list[tuple[Path, str]]]:
-    """Masks and overlays for patch images, in batches; returns (per-image results, failures)."""
+                    progress: bool = True, results: list[dict] | None = None) -> list[tuple[Path, str]]:
+    """Masks and overlays for patch images, in batches, appended to `results`; returns the failures.
+
+    OUT/masks and OUT/overlays must be predict's (`ikdmil.inference.outputs.take_patch_folders`).
+    """
     from ikdmil.data.dataset import resize_rgb
     from ikdmil.visualize import heatmap, overlay, side_by_side
 
     size = settings.tile_size or lm.input_size
-    results, failures = [], []
+    results = [] if results is None else results
+    failures = []
     bar = tqdm(total=len(paths), desc="patches", unit="img", disable=not progress, leave=False)
     for start in range(0, len(paths), lm.batch_size):
         chunk = paths[start:start + lm.batch_size]
@@ -157,19 +195,23 @@ def predict_patches(lm: LoadedModel, paths: list[Path], out: Path, settings: Pre
                 failures.append((p, str(exc)))
         if ok:
             batch = torch.from_numpy(np.stack([resize_rgb(im, size) for im in images])).permute(0, 3, 1, 2)
-            probs = gaussian_smooth(lm.fused(batch), settings.sigma).cpu().numpy()
-            for p, img, pr in zip(ok, images, probs):
+            try:
+                probs = gaussian_smooth(lm.fused(batch), settings.sigma).cpu().numpy()
+            except IkdmilError as exc:  # non-finite model output
+                failures.extend((p, str(exc)) for p in ok)
+                ok = []
+            for p, img, pr in zip(ok, images, probs if ok else []):
                 h, w = img.shape[:2]
                 full = np.asarray(Image.fromarray(pr.astype(np.float32)).resize((w, h), Image.Resampling.BILINEAR))
                 pred = full >= settings.threshold
                 write_png(out / "masks" / f"{p.stem}.png", pred)
                 write_png(out / "overlays" / f"{p.stem}.png", side_by_side(overlay(img, pred), heatmap(full)))
-                results.append({"image": str(p), "width": w, "height": h,
+                results.append({"image": str(p), "width": w, "height": h, "threshold": settings.threshold,
                                 "tumour_fraction": round(float(pred.mean()), 6),
                                 "max_probability": round(float(full.max()), 6)})
         bar.update(len(chunk))
     bar.close()
-    return results, failures
+    return failures
 
 
 def classify_input(path: Path, settings: PredictSettings) -> str:
@@ -199,33 +241,28 @@ def _check_names(paths: list[Path]) -> None:
         seen[p.stem] = p
 
 
-def write_config(out: Path, model: Path, inputs: list[Path], settings: PredictSettings, lm: LoadedModel) -> Path:
-    """OUT/predict_config.yaml: the model, its resolution, the inputs and every setting."""
-    import yaml
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
+
+def write_config(out: Path, model: Path, inputs: list[Path], settings: PredictSettings, lm: LoadedModel) -> Path:
+    """OUT/predict_config.yaml (or predict_config-N.yaml for other settings): the model, its resolution,
+    the inputs and every setting; see `ikdmil.inference.outputs.record_config`."""
     cfg = {
         "command": "predict",
         "ikdmil_version": __version__,
-        "model": str(model),
+        "model": str(model.resolve()),
+        "model_sha256": _sha256(model),
         "model_backbone": lm.meta.get("backbone"),
         "model_input_size": lm.input_size,
         "model_mpp": lm.mpp,
         "model_mpp_source": lm.mpp_source,
         "device": str(lm.device),
-        "inputs": [str(p) for p in inputs],
+        "inputs": [str(p.resolve()) for p in inputs],
         "settings": settings.to_dict(),
     }
-    path = out / CONFIG_NAME
-    write_text(path, yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
-    return path
-
-
-def write_batch_summary(out: Path, slides: list[dict], patches: list[dict], failures: list[tuple[str, str]]) -> None:
-    """OUT/predict_summary.json: one line of numbers per slide, the patch count, every failure."""
-    keys = ("slide", "status", "tiles", "tumour_area_mm2", "tumour_fraction_of_tissue", "polygons", "seconds")
-    batch = {
-        "slides": [{k: s.get(k) for k in keys} for s in slides],
-        "patches": len(patches),
-        "failures": [{"input": i, "error": m} for i, m in failures],
-    }
-    write_text(out / "predict_summary.json", json.dumps(batch, indent=2) + "\n")
+    return record_config(out, cfg)

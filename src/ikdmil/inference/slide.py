@@ -14,7 +14,9 @@ slide resampled to the model's training resolution (`model_mpp`, µm/px):
    rolling band of rows; rows that no later tile can reach are normalised (sum / weight sum: no seams)
    and written to a uint8 memory-mapped map on disk. Nothing is ever held at level 0, and the only
    full-size arrays are the uint8 probability and mask maps at output resolution (memory-mapped);
-4. outputs per slide (folder OUT/NAME/, written to a temporary folder and renamed when complete):
+4. outputs per slide (folder OUT/NAME/, written to a temporary folder ``.NAME.tmp-HOST-PID-*`` and
+   renamed when complete; an existing OUT/NAME/ is replaced only when ikdmil predict wrote it, see
+   `ikdmil.inference.outputs`):
    ``probability.tif`` (tiled pyramidal TIFF, uint8 = probability x 255, with mpp tags),
    ``mask.tif`` (same geometry, 0/255: probability >= threshold inside tissue), ``tumour.geojson``
    (QuPath annotations, level-0 pixel coordinates), ``overlay.png`` and ``heatmap.png`` (thumbnails),
@@ -22,6 +24,11 @@ slide resampled to the model's training resolution (`model_mpp`, µm/px):
 
 A slide whose ``summary.json`` records the same settings key (settings that change the output, the
 model file and the slide file) is skipped unless `overwrite`.
+
+Plausibility (each a one-line error that fails this slide, never an empty "0 tiles" result): no
+tissue (a user mask that is empty or lies outside the slide, a blank slide, a `min_tissue` no tile
+reaches), and a resolution that would enlarge the slide more than `MAX_UPSAMPLE` times to reach the
+model's (a magnification typed as µm/px, a wrong ``--model-mpp``).
 """
 
 from __future__ import annotations
@@ -30,7 +37,6 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +47,11 @@ from tqdm.auto import tqdm
 
 from ikdmil.errors import IkdmilError
 from ikdmil.inference.model import LoadedModel, gaussian_radius, tile_maps
+from ikdmil.inference.outputs import check_owned, locked, write_marker
 from ikdmil.inference.settings import PredictSettings
 from ikdmil.inference.tiling import (Box, BandStitcher, Geometry, large_tiling, resolve_tiling, select_tiles,
                                      slide_geometry, tile_loader, tile_window, tissue_lookup)
-from ikdmil.io import chmod_default, replace_folder, write_png, write_text
+from ikdmil.io import chmod_default, make_temp_dir, one_line, replace_folder, write_png, write_text
 from ikdmil.slide.reader import Slide, open_slide
 from ikdmil.slide.tiff import write_pyramid_tiff
 from ikdmil.slide.tissue import TissueMap, slide_tissue
@@ -54,6 +61,9 @@ logger = logging.getLogger(__name__)
 SUMMARY_NAME = "summary.json"
 OUTPUT_FILES = ["probability.tif", "mask.tif", "tumour.geojson", "overlay.png", "heatmap.png", "tissue.png",
                 SUMMARY_NAME]
+#: the most a slide is enlarged to reach the model's resolution (model px per level-0 px); more is a mistake
+MAX_UPSAMPLE = 4.0
+_MPP_SOURCE = {"--model-mpp": "--model-mpp", "model file": "the model file's"}
 
 
 @dataclass
@@ -74,24 +84,35 @@ class SlideJob:
 
 def predict_slide(lm: LoadedModel, slide_path: Path, out_dir: Path, settings: PredictSettings,
                   progress: bool = True, slide: Slide | None = None) -> dict:
-    """Segment one slide into out_dir (written atomically); returns its summary ("status": done/skipped)."""
+    """Segment one slide into out_dir (written atomically); returns its summary ("status": done/skipped).
+
+    An existing `out_dir` is skipped when done with the same settings, replaced when ikdmil predict
+    wrote it and it holds nothing else, and refused (IkdmilError) otherwise.
+    """
     t_start = time.perf_counter()
+    if slide is None and not slide_path.exists():
+        raise IkdmilError(f"{slide_path}: not found; check the path (give slide or image files, or folders of them)")
+    check_owned(out_dir, "slide", subject=slide_path)
     key = _settings_key(lm, settings, slide_path)
     old = _finished_summary(out_dir, key) if not settings.overwrite else None
     if old is not None:
         old["status"] = "skipped"
         return old
+    check_owned(out_dir, "slide", exact=True, subject=slide_path)  # it will be replaced: refuse before any work
     slide = slide or open_slide(slide_path, settings.mpp)
     try:
         job = plan_slide(lm, slide, slide_path, settings)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        tmp = make_temp_dir(out_dir)  # .NAME.tmp-HOST-PID-*: removed by the next run if this one is killed
         chmod_default(tmp, 0o777)  # mkdtemp makes it private; the final folder should look like any other
         try:
             summary = run_slide(job, tmp, progress, t_start)
             summary["settings_key"] = key
-            write_text(tmp / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
-            replace_folder(tmp, out_dir, hidden=True)
+            write_text(tmp / SUMMARY_NAME, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+            write_marker(tmp, "slide", OUTPUT_FILES)
+            with locked(out_dir.parent):  # another run may have written out_dir meanwhile
+                check_owned(out_dir, "slide", exact=True, subject=slide_path)
+                replace_folder(tmp, out_dir, hidden=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -104,12 +125,23 @@ def predict_slide(lm: LoadedModel, slide_path: Path, out_dir: Path, settings: Pr
 def plan_slide(lm: LoadedModel, slide: Slide, slide_path: Path, settings: PredictSettings) -> SlideJob:
     """Resolution, tiling, tissue and the tiles to run for one opened slide (one-line errors)."""
     mpp = slide.require_mpp()
+    enlarge = max(mpp) / lm.mpp
+    if enlarge > MAX_UPSAMPLE:
+        where = "--mpp" if slide.mpp_source == "--mpp" else "the slide's metadata"
+        raise IkdmilError(
+            f"{slide_path}: at {max(mpp):g} µm/px ({where}) the slide would be enlarged {enlarge:.0f}x to the "
+            f"model's {lm.mpp:g} µm/px ({_MPP_SOURCE.get(lm.mpp_source, 'the default: the model file has none')}), "
+            f"more than {MAX_UPSAMPLE:g}x; check --mpp (micrometres per "
+            "pixel, e.g. 0.25 at 40x, 0.5 at 20x, not a magnification) and --model-mpp"
+        )
     model_size = (slide.dimensions[0] * mpp[0] / lm.mpp, slide.dimensions[1] * mpp[1] / lm.mpp)
     tile, overlap, margin = choose_tiling(lm, settings, model_size)
     geom = slide_geometry(slide.dimensions, mpp, lm.mpp, tile, overlap, settings.out_stride, margin)
     user_mask = _user_mask_for(settings, slide_path)
     tissue, overview = slide_tissue(slide, settings.tissue, user_mask, settings.all_tissue)
     boxes, cells = select_tiles(geom, None if settings.all_tissue else tissue, settings.min_tissue)
+    if not boxes:
+        raise IkdmilError(_no_tiles(slide_path, slide, settings, tissue, user_mask))
     batch = lm.batch_size
     if margin and settings.batch_size is None:  # large tiles: about as many pixels per batch as small ones
         batch = max(1, lm.batch_size * lm.input_size ** 2 // tile ** 2)
@@ -299,7 +331,10 @@ def _thumbnail(overview: np.ndarray, max_size: int) -> np.ndarray:
 
 
 def _file_key(path: Path) -> str:
-    st = path.stat()
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise IkdmilError(f"{path}: cannot be read ({one_line(exc)}); check the path and its permissions") from None
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
 
@@ -329,6 +364,21 @@ def _finished_summary(out_dir: Path, key: str) -> dict | None:
     return old if isinstance(old, dict) and old.get("settings_key") == key else None
 
 
+def _no_tiles(slide_path: Path, slide: Slide, settings: PredictSettings, tissue: TissueMap,
+              user_mask: str | None) -> str:
+    """Why no tile of a slide holds tissue, and what to do (the slide then fails: nothing to segment)."""
+    if tissue.mask.any():
+        return (f"{slide_path}: no tile holds more than --min-tissue {settings.min_tissue:g} of tissue, so nothing "
+                "was segmented; lower --min-tissue")
+    if user_mask is not None:
+        w, h = slide.dimensions
+        return (f"{slide_path}: the tissue mask {user_mask} marks no tissue on the slide (it is empty, or its "
+                f"polygons lie outside the slide's {w} x {h} px); give this slide's mask, or drop --tissue-mask")
+    thr = f" above the saturation threshold {tissue.threshold:.3f}" if tissue.threshold is not None else ""
+    return (f"{slide_path}: no tissue found{thr}, so nothing was segmented; if the slide has tissue, pass a lower "
+            "--tissue-threshold, a --tissue-mask, or --all-tissue")
+
+
 def _user_mask_for(settings: PredictSettings, slide_path: Path) -> str | None:
     if not settings.tissue_mask:
         return None
@@ -337,9 +387,29 @@ def _user_mask_for(settings: PredictSettings, slide_path: Path) -> str | None:
         for ext in (".geojson", ".json", ".png", ".tif", ".tiff", ".jpg", ".bmp"):
             cand = p / (slide_path.stem + ext)
             if cand.is_file():
-                return str(cand)
+                return _check_mask_image(cand)
         raise IkdmilError(
             f"{p}: no tissue mask for {slide_path.name} (expected {slide_path.stem}.geojson or {slide_path.stem}.png); "
             "add it or drop --tissue-mask"
         )
-    return str(p)
+    return _check_mask_image(p)
+
+
+def _check_mask_image(path: Path) -> str:
+    """A tissue mask image is decoded whole: refuse one above `max_image_pixels()` before decoding it."""
+    from ikdmil.io import MAX_PIXELS_ENV, max_image_pixels
+
+    if not path.is_file() or path.suffix.lower() in (".geojson", ".json"):
+        return str(path)  # a GeoJSON file, or a missing one (reported by the tissue module)
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except (OSError, ValueError, SyntaxError):
+        return str(path)  # unreadable: reported by the tissue module
+    limit = max_image_pixels()
+    if w * h > limit:
+        raise IkdmilError(
+            f"{path}: tissue mask header says {w} x {h} px, above the {limit / 1e6:.3g} Mpx limit for mask images; "
+            f"save the mask smaller (any scale of the slide will do), or raise the limit with {MAX_PIXELS_ENV}=N"
+        )
+    return str(path)
