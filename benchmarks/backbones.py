@@ -19,12 +19,12 @@ import platform
 import sys
 
 import torch
+from timing import timed  # benchmarks/timing.py
 from torch.utils.flop_counter import FlopCounterMode
 
 from ikdmil.device import autocast, resolve_device
 from ikdmil.engine.teacher import make_teacher_step, teacher_optimizer
 from ikdmil.models import available_backbones, create_model
-from timing import timed  # benchmarks/timing.py
 
 
 def forward_gflops(model, size: int) -> float:

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from ikdmil.config import RunConfig
-from ikdmil.prepare.glas import prepare_glas
 from ikdmil.engine.pipeline import Pipeline
+from ikdmil.prepare.glas import prepare_glas
 
 REPO = Path(__file__).resolve().parents[1]
 REDUCED = dict(input_size=128, teacher_epochs=10, fusion_epochs=3, distill_epochs=20, swap_every=5)

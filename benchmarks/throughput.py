@@ -21,15 +21,15 @@ import json
 
 import numpy as np
 import torch
+from timing import timed  # benchmarks/timing.py
 from torch.utils.flop_counter import FlopCounterMode
 
 from ikdmil.data.dataset import CachedArrays, PatchDataset
+from ikdmil.device import fits_on_device, resolve_device
 from ikdmil.engine.distill import TeacherTargets, freeze, make_distill_step, student_optimizer
 from ikdmil.engine.loop import Augmenter, BatchMeta, MemoryLoader, make_loader
-from ikdmil.device import fits_on_device, resolve_device
 from ikdmil.engine.teacher import make_teacher_step, teacher_optimizer
 from ikdmil.models import create_model
-from timing import timed  # benchmarks/timing.py
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense tensor-core peaks
 

@@ -58,10 +58,11 @@ def generate_slide(path: Path, size: int, mpp: float, tissue: float, seed: int =
     idx = -np.ones((n, n), np.int64)
     coords = np.argwhere(cells)
     idx[cells] = np.arange(len(coords))
-    store = np.lib.format.open_memmap(path.with_suffix(".cells.npy"), "w+", np.uint8, (max(1, len(coords)), CELL, CELL, 3))
+    store = np.lib.format.open_memmap(path.with_suffix(".cells.npy"), "w+", np.uint8,
+                                      (max(1, len(coords)), CELL, CELL, 3))
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    for k, (r, c) in enumerate(coords):
+    for k, (_r, _c) in enumerate(coords):
         store[k] = synth_image(rng, CELL, 1.0 if rng.random() < 0.25 else 0.0)[0]
     store.flush()
     gen_s = time.perf_counter() - t0
@@ -158,7 +159,8 @@ extra = {}
 if torch.cuda.is_available() and rep.slides and rep.slides[0]["device"].startswith("cuda"):
     extra["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     extra["gpu"] = torch.cuda.get_device_name()
-print("RESULT " + json.dumps({"slides": rep.slides, "failures": rep.failures, "threads": torch.get_num_threads(), **extra}))
+print("RESULT " + json.dumps({"slides": rep.slides, "failures": rep.failures, "threads": torch.get_num_threads(),
+                              **extra}))
 """
 
 
@@ -198,7 +200,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
 
     work.mkdir(parents=True, exist_ok=True)
     slide = work / f"slide-{args.size}-{args.mpp}-{args.tissue}-{args.seed}.tif"
-    gen = json.loads(slide.with_suffix(".json").read_text()) if slide.is_file() and slide.with_suffix(".json").is_file() else None
+    gen = (json.loads(slide.with_suffix(".json").read_text())
+           if slide.is_file() and slide.with_suffix(".json").is_file() else None)
     if gen is None:
         gen = generate_slide(slide, args.size, args.mpp, args.tissue, args.seed)
     torch.manual_seed(args.seed)

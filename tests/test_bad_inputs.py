@@ -15,9 +15,9 @@ from PIL import Image
 
 from ikdmil.cli import main
 from ikdmil.data.dataset import CACHE_FILES, build_cache
-from ikdmil.io import read_mask, read_rgb
 from ikdmil.data.manifest import Sample
 from ikdmil.errors import IkdmilError
+from ikdmil.io import read_mask, read_rgb
 
 SIZE = 24
 
@@ -484,7 +484,8 @@ def test_training_on_converted_images_succeeds(tmp_path, capsys):
     metas = cache_entries(tmp_path / "cache")
     assert len(metas) == 3  # train, val, test
     train_entry = next(e for e in (tmp_path / "cache").iterdir()
-                       if str(data / "train" / "neg" / "train_n0.png") in json.loads((e / "meta.json").read_text())["images"])
+                       if str(data / "train" / "neg" / "train_n0.png")
+                       in json.loads((e / "meta.json").read_text())["images"])
     images = np.load(train_entry / "images.npy")
     names = json.loads((train_entry / "meta.json").read_text())["images"]
     i = names.index(str(data / "train" / "neg" / "train_n0.png"))

@@ -61,7 +61,8 @@ def test_run_resume_from_the_command_line(tmp_path):
 
 def test_demo_small(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n", "12", "--image-size", "32", "--input-size", "32", "--teacher-epochs", "1",
+    assert main(["demo", "--out", str(out), "--n", "12", "--image-size", "32", "--input-size", "32",
+                 "--teacher-epochs", "1",
                  "--fusion-epochs", "1", "--distill-epochs", "2", "--swap-every", "1", "--pretrained", "none",
                  "--overlays", "2", "--quiet"]) == 0
     text = capsys.readouterr().out

@@ -12,8 +12,15 @@ from pathlib import Path
 import pytest
 
 from ikdmil.cli import main
-from ikdmil.config import (EvaluateSettings, RunConfig, check_settings, coerce, load_settings, read_yaml,
-                           settings_from_mapping)
+from ikdmil.config import (
+    EvaluateSettings,
+    RunConfig,
+    check_settings,
+    coerce,
+    load_settings,
+    read_yaml,
+    settings_from_mapping,
+)
 from ikdmil.errors import IkdmilError
 from ikdmil.inference import PredictSettings
 from ikdmil.slide.tissue import TissueParams

@@ -5,7 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from ikdmil.metrics import binary_f1_iou, contour_points, hausdorff, hd_paper, patch_scores, smooth_probability, summarize
+from ikdmil.metrics import (
+    binary_f1_iou,
+    contour_points,
+    hausdorff,
+    hd_paper,
+    patch_scores,
+    smooth_probability,
+    summarize,
+)
 
 
 def _square(shape, r0, r1, c0, c1):

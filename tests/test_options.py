@@ -13,8 +13,8 @@ import pytest
 
 from ikdmil.cli import build_parser, main
 from ikdmil.config import DemoSettings, EvaluateSettings, RunConfig, option_flag
-from ikdmil.inference import PredictSettings
 from ikdmil.errors import IkdmilError
+from ikdmil.inference import PredictSettings
 from ikdmil.options import Parser, TerminalHandler, add_settings_options, given_values, settings_from_args
 from ikdmil.slide.tissue import TissueParams
 
@@ -55,7 +55,8 @@ def test_a_new_field_becomes_an_option_with_its_comment_as_help():
     text = parser.format_help()
     assert "learning rate of the fusion-weight fit (default: 0.01)" in text and "--no-track-test" in text
     args = parser.parse_args(["--fusion-lr", "1e-3", "--track-test", "--fusion-weights", "0.2,0.3,0.5"])
-    assert settings_from_args(Settings, args) == Settings(fusion_lr=1e-3, track_test=True, fusion_weights=[0.2, 0.3, 0.5])
+    assert settings_from_args(Settings, args) == Settings(fusion_lr=1e-3, track_test=True,
+                                                          fusion_weights=[0.2, 0.3, 0.5])
     strict = Parser(prog="p")
     add_settings_options(strict, Settings)
     with pytest.raises(IkdmilError, match="argument --fusion-weights: expected a number, got 'x'"):

@@ -17,11 +17,28 @@ import sys
 from pathlib import Path
 
 from ikdmil import __version__
-from ikdmil.config import (DEMO_RUN_DEFAULTS, DemoSettings, EvaluateSettings, RunConfig, check_output_folder,
-                           coerce, settings_from_mapping)
+from ikdmil.config import (
+    DEMO_RUN_DEFAULTS,
+    DemoSettings,
+    EvaluateSettings,
+    RunConfig,
+    check_output_folder,
+    coerce,
+    settings_from_mapping,
+)
 from ikdmil.errors import IkdmilError
-from ikdmil.options import (HelpFormatter, Parser, add_settings_options, add_verbosity_options, configure_logging,
-                            file_values, given_values, number, release_logging, settings_from_args)
+from ikdmil.options import (
+    HelpFormatter,
+    Parser,
+    add_settings_options,
+    add_verbosity_options,
+    configure_logging,
+    file_values,
+    given_values,
+    number,
+    release_logging,
+    settings_from_args,
+)
 
 RESUME_HINT = "continue the run with the same command and --resume"
 DEMO_SKIP = ("data", "out", "cache_dir")  # RunConfig fields the demo sets itself
@@ -332,7 +349,8 @@ def add_prepare(sub, common) -> None:
     pr.add_argument("extra", nargs="?", default=None, help="output folder (camelyon16, digestpath)")
     fraction = number(float, min=0, below=1)
     pr.add_argument("--val-fraction", type=fraction, default=0.2,
-                    help="share of train for validation: by patient (glas), by slide (camelyon16), by image (digestpath)")
+                    help="share of train for validation: by patient (glas), by slide (camelyon16), "
+                         "by image (digestpath)")
     pr.add_argument("--test-fraction", type=fraction, default=0.2, help="digestpath: share of images for test")
     pr.add_argument("--seed", type=number(int, min=0), default=0)
     _add_slide_dataset_options(pr.add_argument_group("camelyon16 / digestpath"))
@@ -377,9 +395,8 @@ TRAINING_COMMANDS = (
 
 
 def add_training_commands(sub, common) -> None:
-    from ikdmil.models import available_backbones
-
     from ikdmil.methods import available_methods
+    from ikdmil.models import available_backbones
 
     epilog = f"backbones: {', '.join(available_backbones())}; methods (--method): {', '.join(available_methods())}"
     for name, func, text in TRAINING_COMMANDS:
@@ -392,7 +409,9 @@ def add_training_commands(sub, common) -> None:
             t.add_argument("--out", default=None, help="run folder (default: TEACHER's folder/distill)")
         else:
             t.add_argument("--out", default="runs/ikdmil", help="run folder (default: runs/ikdmil)")
-        t.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+        t.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run in --out; only the epoch counts, --device, --workers, "
+                            "--loader, --amp, --compile, --cache-dir and --track-test may differ from the run's")
         t.add_argument("--config", help="YAML config file; command-line options override it")
         add_settings_options(t, RunConfig, skip=("data", "out"))
         t.set_defaults(func=func, interrupted=RESUME_HINT)

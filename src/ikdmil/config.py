@@ -34,9 +34,9 @@ import re
 import tokenize
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import yaml
@@ -319,7 +319,8 @@ def settings_from_mapping(cls: type, raw: Mapping, source: str = "config", prefi
     """An instance of the settings dataclass `cls` from `raw`: unknown keys, types and bounds are
     checked; nested dataclass fields take mappings. Errors read "SOURCE: key: what is wrong"."""
     if not isinstance(raw, Mapping):
-        raise IkdmilError(f"{source}: {prefix.rstrip('.') or 'settings'}: expected key: value settings, got {brief(raw)}")
+        raise IkdmilError(f"{source}: {prefix.rstrip('.') or 'settings'}: expected key: value settings, "
+                          f"got {brief(raw)}")
     types_ = field_types(cls)
     unknown = sorted(str(k) for k in raw if k not in types_)
     if unknown:
@@ -359,7 +360,8 @@ def check_output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
             break
         parent = parent.parent
     if not parent.is_dir():
-        raise IkdmilError(f"{option} {path}: {parent} is a file, so no folder can be made below it; choose another --out")
+        raise IkdmilError(f"{option} {path}: {parent} is a file, so no folder can be made below it; "
+                          "choose another --out")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise IkdmilError(f"{option} {path}: cannot write in {parent} (permission denied); choose another folder")
     return path
@@ -443,7 +445,7 @@ class RunConfig:
     mosaic_grid: int = 2  # pistoseg: mosaic cells per side
     consistency_scale: float = 1.0  # pistoseg: weight of the feature-consistency term
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         from ikdmil.losses import KD_STRUCTURES, TEACHER_LOSSES  # the losses own the names; torch loads lazily
 
         check_settings(self)
@@ -477,11 +479,11 @@ class RunConfig:
         write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def load(cls, path: str | Path) -> "RunConfig":
+    def load(cls, path: str | Path) -> RunConfig:
         return load_settings(cls, path)
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "config") -> "RunConfig":
+    def from_dict(cls, raw: dict, source: str = "config") -> RunConfig:
         return settings_from_mapping(cls, raw, source)
 
     # help, bounds and choices per field (a field without an entry: its comment as help, finite if a number)
@@ -532,7 +534,8 @@ class RunConfig:
         "side_taps": Opt("VGG side outputs: post-pool = after each block's max-pool, strides 2/4/8 (the authors') | "
                          "pre-pool = before it, strides 1/2/4", choices=("pre-pool", "post-pool")),
         "kd_structure": Opt("stage-2 KD: fusion = every student map <- teacher fused (IKD) | output = fused <- fused "
-                            "only | block = side i <- side i and fused <- fused", choices=("fusion", "output", "block")),
+                            "only | block = side i <- side i and fused <- fused",
+                            choices=("fusion", "output", "block")),
         "swap": Opt("swap teacher and student when the student wins on validation (--no-swap: the ablation)"),
         "method": Opt("training method: ikd (IKD-MIL, the default) | oeem | oaa | pistoseg (CAM pseudo-mask "
                       "baselines) | supervised-unet (trains on the pixel masks: the only method that reads "
@@ -550,6 +553,27 @@ class RunConfig:
     }
 
 
+#: RunConfig fields that `--resume` may change: how long to train and where/how fast to run. Every other
+#: field defines the run, and a resumed run must keep it (the checkpoint's models were trained with it).
+RESUME_MAY_CHANGE = ("teacher_epochs", "fusion_epochs", "distill_epochs", "device", "workers", "loader", "amp",
+                     "compile", "cache_dir", "track_test", "out")
+
+
+def resume_conflicts(cfg: RunConfig, saved: RunConfig) -> list[str]:
+    """The run-defining fields in which `cfg` differs from the run's saved config (paths compared resolved)."""
+    bad = []
+    for f in fields(RunConfig):
+        if f.name in RESUME_MAY_CHANGE:
+            continue
+        new, old = getattr(cfg, f.name), getattr(saved, f.name)
+        if f.name == "data":
+            new, old = str(Path(new).resolve()), str(Path(old).resolve())
+        if new != old:
+            bad.append(f"{option_flag(RunConfig, f.name) if f.name != 'data' else 'DATA'} {new!r} "
+                       f"(the run has {old!r})")
+    return bad
+
+
 @dataclass
 class EvaluateSettings:
     """The options of `ikdmil evaluate` (besides MODEL and DATA)."""
@@ -563,7 +587,7 @@ class EvaluateSettings:
     cache_dir: str = ""
     device: str = "auto"
 
-    def validate(self) -> "EvaluateSettings":
+    def validate(self) -> EvaluateSettings:
         return check_settings(self)
 
     OPTIONS: ClassVar[dict[str, Opt]] = {
@@ -586,7 +610,7 @@ class DemoSettings:
     image_size: int = 256  # size of the generated images
     overlays: int = 8  # overlay PNGs per model
 
-    def validate(self) -> "DemoSettings":
+    def validate(self) -> DemoSettings:
         return check_settings(self)
 
     OPTIONS: ClassVar[dict[str, Opt]] = {"overlays": Opt("overlay PNGs per model", min=0)}

@@ -22,15 +22,15 @@ Every problem is an `IkdmilError` whose one-line message names the file and says
 
 from __future__ import annotations
 
-import os
 import logging
+import os
 import shutil
 import socket
 import tempfile
 import zlib
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError

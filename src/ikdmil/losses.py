@@ -31,7 +31,7 @@ weight decay of 5e-5 / B (3.1e-6 at batch 16) reproduces theirs; the experiment 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -18,8 +18,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ikdmil.config import (Opt, check_value, convert, field_types, load_settings, option_flag, option_of,
-                           optional_inner, settings_from_mapping)
+from ikdmil.config import (
+    Opt,
+    check_value,
+    convert,
+    field_types,
+    load_settings,
+    option_flag,
+    option_of,
+    optional_inner,
+    settings_from_mapping,
+)
 from ikdmil.errors import IkdmilError
 
 

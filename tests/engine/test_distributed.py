@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from ikdmil.engine.loop import make_loader
 from ikdmil.device import Distributed
+from ikdmil.engine.loop import make_loader
 
 
 def test_distributed_sampler_shards_the_data():

@@ -2,8 +2,8 @@
 
 import json
 
-from ikdmil.prepare.glas import prepare_glas
 from ikdmil.engine.pipeline import Pipeline
+from ikdmil.prepare.glas import prepare_glas
 
 
 def test_glas_prepare_and_train_a_few_steps(glas_dir, tmp_path, tiny_config):

@@ -136,7 +136,8 @@ def make_fake_camelyon16(root, cell: int = 64, mpp: float = 0.25, seed: int = 0)
     return {"slides": slides, "annotations": annos, "tumour": tumours, "exclusion": exclusions}
 
 
-def make_fake_digestpath(root, n_pos: int = 4, n_neg: int = 3, size: tuple[int, int] = (160, 120), seed: int = 0) -> dict:
+def make_fake_digestpath(root, n_pos: int = 4, n_neg: int = 3, size: tuple[int, int] = (160, 120),
+                         seed: int = 0) -> dict:
     """images/NAME.jpg for positives and negatives, masks/NAME_mask.jpg (JPEG, like DigestPath) for positives."""
     root = Path(root)
     rng = np.random.default_rng(seed)

@@ -19,15 +19,14 @@ import pytest
 import tifffile
 import torch
 import torch.nn.functional as F
+from fakes.slides import random_model, synth_slide, write_slide
 from PIL import Image
 
-from ikdmil.inference import PredictSettings, gaussian_smooth, predict
-from ikdmil.inference import tiling
+from ikdmil.inference import PredictSettings, gaussian_smooth, predict, tiling
 from ikdmil.inference.model import gaussian_radius, receptive_reach
 from ikdmil.models import available_backbones, create_model
 from ikdmil.models.checkpoint import load_model
 from ikdmil.models.registry import is_tile_invariant
-from fakes.slides import random_model, synth_slide, write_slide
 
 FCN = [name for name in available_backbones() if is_tile_invariant(name)]
 SIGMA, OUT_STRIDE = 3.0, 4

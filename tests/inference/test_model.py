@@ -54,10 +54,10 @@ def test_torch_smoothing_agrees_with_evaluation_smoothing_at_sigma_3_on_tile_map
 def test_inference_and_evaluation_share_one_forward_pass(tmp_path):
     """`LoadedModel.fused` (predict) and `engine.evaluate.predict_fused` (evaluate) give the same maps."""
     import torch
+    from fakes.slides import vgg_model
 
     from ikdmil.engine.evaluate import predict_fused
     from ikdmil.inference import PredictSettings, load_for_inference
-    from fakes.slides import vgg_model
 
     lm = load_for_inference(vgg_model(tmp_path / "v.safetensors", input_size=32), PredictSettings(device="cpu"))
     images = np.random.default_rng(9).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)

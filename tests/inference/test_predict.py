@@ -8,13 +8,13 @@ import pytest
 import tifffile
 import torch
 import yaml
+from fakes.slides import dark_backbone, dark_detector_model, painted_slide, synth_slide, vgg_model, write_slide
 from PIL import Image
 from shapely.geometry import box, shape
 
 from ikdmil.cli import main
 from ikdmil.inference import PredictSettings, predict
 from ikdmil.models.checkpoint import load_model
-from fakes.slides import dark_backbone, dark_detector_model, painted_slide, synth_slide, vgg_model, write_slide
 
 TUMOUR = [(200, 150, 300, 200), (560, 420, 240, 160)]  # level-0 (x, y, w, h) rectangles
 

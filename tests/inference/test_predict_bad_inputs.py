@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from fakes.slides import dark_backbone, dark_detector_model, painted_slide, png_header, write_slide
 from PIL import Image
 
-from fakes.slides import dark_backbone, dark_detector_model, painted_slide, png_header, write_slide
 from ikdmil.cli import main
 from ikdmil.inference import PredictSettings, predict
 from ikdmil.inference.outputs import MARKER

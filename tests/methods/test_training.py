@@ -16,7 +16,8 @@ import ikdmil.io
 from ikdmil.cli import main
 from ikdmil.models.checkpoint import load_model, read_model_meta
 
-TINY = ["--backbone", "tiny", "--decoder-width", "8", "--input-size", "32", "--batch-size", "4", "--pretrained", "none", "--lr", "1e-3", "--eval-sigma", "0",
+TINY = ["--backbone", "tiny", "--decoder-width", "8", "--input-size", "32", "--batch-size", "4", "--pretrained", "none",
+        "--lr", "1e-3", "--eval-sigma", "0",
         "--teacher-epochs", "1", "--fusion-epochs", "1", "--distill-epochs", "1", "--swap-every", "1",
         "--cam-epochs", "1", "--seg-epochs", "1", "--device", "cpu", "--quiet"]
 WEAK = ("ikd", "oeem", "oaa", "pistoseg")
@@ -99,7 +100,8 @@ def test_supervised_unet_trains_on_masks_and_refuses_unreadable_or_missing_ones(
         w.writerows(rows)
     assert run(data, tmp_path / "nomask-run", "supervised-unet") == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "supervised-unet trains on pixel masks" in err and "1 training positive" in err
+    assert (len(err.splitlines()) == 1 and "supervised-unet trains on pixel masks" in err
+            and "1 training positive" in err)
 
 
 def test_method_option_is_checked_and_stage_commands_are_ikd_only(tiny_synth, tmp_path, capsys):
@@ -136,4 +138,5 @@ def test_an_interrupted_run_resumes_to_the_same_model(tiny_synth, tmp_path, tiny
     assert whole.keys() == cut.keys()
     for k in whole:
         assert torch.equal(whole[k], cut[k]), k
-    assert (tmp_path / "whole" / "pseudo_masks_val.npy").read_bytes() == (tmp_path / "cut" / "pseudo_masks_val.npy").read_bytes()
+    assert ((tmp_path / "whole" / "pseudo_masks_val.npy").read_bytes()
+            == (tmp_path / "cut" / "pseudo_masks_val.npy").read_bytes())

@@ -116,7 +116,7 @@ def test_oaa_accumulation_is_the_elementwise_max_across_epochs_in_canonical_orie
     n, s = 5, 6
     acc = MaxAccumulator(n, s)
     seen = []
-    for epoch in range(3):
+    for _epoch in range(3):
         canonical = torch.rand(n, 1, s, s)
         seen.append(canonical[:, 0])
         ops = torch.randint(0, 8, (n,))

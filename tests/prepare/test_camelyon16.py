@@ -5,12 +5,12 @@ import shutil
 
 import numpy as np
 import pytest
+from fakes.slides import make_fake_camelyon16
 from PIL import Image
 
 from ikdmil.cli import main
-from ikdmil.prepare.camelyon16 import Camelyon16Options, _choose, _Slide
 from ikdmil.data.manifest import load_samples
-from fakes.slides import make_fake_camelyon16
+from ikdmil.prepare.camelyon16 import Camelyon16Options, _choose, _Slide
 
 # --patch-size 32 at level 1 (2x downsample) = one 64 px cell of the fake slides
 ARGS = ["--patch-size", "32", "--quiet"]
@@ -37,7 +37,8 @@ def test_counts_splits_and_labels(prepared):
     assert not set(slides["train"]) & set(slides["val"])
     for split in ("train", "val"):  # val carved by slide, with both classes
         assert any(n.startswith("tumor") for n in slides[split]) and any(n.startswith("normal") for n in slides[split])
-    assert summary["tumour_slides"] == ["test_001", "tumor_001", "tumor_002", "tumor_003"]  # test_001 from reference.csv
+    # test_001 from reference.csv
+    assert summary["tumour_slides"] == ["test_001", "tumor_001", "tumor_002", "tumor_003"]
     counts = summary["counts"]
     for split in ("train", "val", "test"):
         # 6 tumour cells per tumour slide; as many negatives from the split's normal slides

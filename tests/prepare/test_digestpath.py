@@ -4,12 +4,12 @@ import json
 
 import numpy as np
 import pytest
+from fakes.slides import make_fake_digestpath
 from PIL import Image
 
 from ikdmil.cli import main
-from ikdmil.prepare.digestpath import crop_positions
 from ikdmil.data.manifest import load_samples
-from fakes.slides import make_fake_digestpath
+from ikdmil.prepare.digestpath import crop_positions
 
 ARGS = ["--patch-size", "64", "--tissue-min-object-um2", "100", "--quiet"]
 
@@ -29,7 +29,8 @@ def test_crops_are_labelled_by_their_mask_and_split_by_image(fake, tmp_path):
     for split in ("train", "test"):
         assert any(n.startswith("pos") for n in images[split]) and any(n.startswith("neg") for n in images[split])
     samples = load_samples(out)
-    assert summary["counts"]["train"]["total"] + summary["counts"]["val"]["total"] + summary["counts"]["test"]["total"] == len(samples)
+    assert (summary["counts"]["train"]["total"] + summary["counts"]["val"]["total"]
+            + summary["counts"]["test"]["total"] == len(samples))
     n_pos = 0
     for s in samples:
         name, xy = s.image.stem.split("_x")

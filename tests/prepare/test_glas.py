@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fakes.glas import make_fake_glas_official, make_fake_glas_shared
 from PIL import Image
 
-from fakes.glas import make_fake_glas_official, make_fake_glas_shared
-from ikdmil.prepare.glas import prepare_glas
 from ikdmil.data.manifest import load_samples
 from ikdmil.errors import IkdmilError
+from ikdmil.prepare.glas import prepare_glas
 
 
 def _patients(records: list[dict]) -> dict[str, str]:
@@ -197,7 +197,8 @@ def test_listed_image_missing(tmp_path):
 def test_image_not_in_csv(tmp_path):
     make_fake_glas_official(tmp_path / "src")
     csv_path = tmp_path / "src" / "Grade.csv"
-    csv_path.write_text("\n".join(l for l in csv_path.read_text().splitlines() if not l.startswith("train_2,")) + "\n")
+    csv_path.write_text("\n".join(line for line in csv_path.read_text().splitlines()
+                                  if not line.startswith("train_2,")) + "\n")
     _expect_error(tmp_path / "src", tmp_path / "out", tmp_path / "src" / "train_2.bmp")
 
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from skimage.color import rgb2hed
 
-from ikdmil.io import read_mask, read_rgb
 from ikdmil.data.manifest import SPLITS, load_samples
-from ikdmil.prepare.synth import make_synthetic_dataset, synth_image
 from ikdmil.errors import IkdmilError
+from ikdmil.io import read_mask, read_rgb
+from ikdmil.prepare.synth import make_synthetic_dataset, synth_image
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from fakes.slides import synth_slide, write_slide
 
 

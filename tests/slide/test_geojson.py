@@ -2,14 +2,14 @@
 
 import json
 
+import numpy as np
 import pytest
 import shapely
-import numpy as np
+from fakes.slides import write_asap_xml
 from shapely.geometry import box, shape
 
 from ikdmil.errors import IkdmilError
 from ikdmil.slide.geojson import feature_collection, mask_polygons, read_polygons, to_level0
-from fakes.slides import write_asap_xml
 
 
 def test_mask_polygons_trace_regions_with_holes_across_blocks():

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from fakes.slides import painted_slide
 from PIL import Image
 from shapely.geometry import box
 
@@ -11,7 +12,6 @@ from ikdmil.errors import IkdmilError
 from ikdmil.slide.geojson import feature_collection
 from ikdmil.slide.reader import open_slide
 from ikdmil.slide.tissue import TissueParams, binary_close, detect_tissue, slide_tissue
-from fakes.slides import painted_slide
 
 
 def test_tissue_detection_separates_tissue_from_glass():
@@ -24,7 +24,8 @@ def test_tissue_detection_separates_tissue_from_glass():
     # an image that is all tissue stays whole (the Otsu threshold is clamped), a blank one stays empty
     full, _ = detect_tissue(img[50:200, 50:230], mpp=2.0)
     assert full.mean() > 0.97
-    blank, _ = detect_tissue(np.full((100, 100, 3), 240, np.uint8) + rng.integers(0, 4, (100, 100, 3), dtype=np.uint8), 2.0)
+    blank, _ = detect_tissue(np.full((100, 100, 3), 240, np.uint8) + rng.integers(0, 4, (100, 100, 3), dtype=np.uint8),
+                             2.0)
     assert not blank.any()
 
 

@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ikdmil.io import make_temp_dir, read_mask, read_rgb, remove_stale_temps
 from ikdmil.data.manifest import Sample, samples_digest
 from ikdmil.errors import IkdmilError
+from ikdmil.io import make_temp_dir, read_mask, read_rgb, remove_stale_temps
 
 
 def default_cache_dir() -> Path:

@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import logging
 import io
+import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
-from ikdmil.io import one_line, write_text
 from ikdmil.errors import IkdmilError
+from ikdmil.io import one_line, write_text
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ def read_manifest(path: str | os.PathLike) -> list[Sample]:
                 row = dict(zip(header, (c.strip() for c in cells)))
                 image, label, split = row.get("image", ""), row.get("label", ""), row.get("split", "")
                 if not image:
-                    raise IkdmilError(f"{path}:{line}: empty image path; fix the row: put the image file in the image column")
+                    raise IkdmilError(f"{path}:{line}: empty image path; "
+                                      "fix the row: put the image file in the image column")
                 if label not in ("0", "1"):
                     raise IkdmilError(
                         f"{path}:{line}: label must be 0 (no tumour) or 1 (tumour), got {label!r}; fix the label column"
@@ -147,7 +148,8 @@ def check_file_name(path: Path) -> None:
         str(path).encode("utf-8")
     except UnicodeEncodeError:
         shown = os.fsencode(path).decode("utf-8", "backslashreplace")
-        raise IkdmilError(f"{shown}: file name is not valid UTF-8; rename the file (e.g. convmv -f latin1 -t utf8)") from None
+        raise IkdmilError(f"{shown}: file name is not valid UTF-8; "
+                          "rename the file (e.g. convmv -f latin1 -t utf8)") from None
     try:
         path.resolve(strict=False)
     except (RuntimeError, OSError) as exc:  # RuntimeError: "Symlink loop" (Python < 3.13), OSError: ELOOP

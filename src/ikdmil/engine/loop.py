@@ -6,17 +6,17 @@ import csv
 import io
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ikdmil.io import atomic_path, write_text
 from ikdmil.device import Distributed
 from ikdmil.errors import IkdmilError
+from ikdmil.io import atomic_path, write_text
 
 
 def dihedral(x: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ class Best:
     state: dict[str, torch.Tensor]
 
     @classmethod
-    def of(cls, model: MILSegmenter, score: float, epoch: int) -> "Best":
+    def of(cls, model: MILSegmenter, score: float, epoch: int) -> Best:
         return cls(score, epoch, copy.deepcopy(model.state_dict()))
 
 
@@ -93,7 +93,7 @@ class Selection:
                 "teacher_score": self.teacher_score, "swaps": self.swaps, "epochs_run": self.epochs_run}
 
     @classmethod
-    def from_state(cls, state: dict) -> "Selection":
+    def from_state(cls, state: dict) -> Selection:
         return cls(_best_from(state["teacher_best"]), _best_from(state["student_best"]),
                    _best_from(state["cycle_best"]), state["stage1_score"], state["teacher_score"],
                    state["swaps"], state["epochs_run"])

@@ -20,21 +20,21 @@ import dataclasses
 import json
 import logging
 import platform
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from ikdmil import __version__
-from ikdmil.config import RunConfig
+from ikdmil.config import RESUME_MAY_CHANGE, RunConfig, resume_conflicts
 from ikdmil.data.dataset import CachedArrays, PatchDataset, build_cache
 from ikdmil.data.manifest import load_samples, select_split
 from ikdmil.device import fits_on_device, setup_distributed
 from ikdmil.engine.evaluate import evaluate_model, predict_fused
 from ikdmil.engine.loop import Augmenter, MemoryLoader, MetricsLog, make_loader, save_checkpoint, set_loader_epoch
 from ikdmil.errors import IkdmilError
-from ikdmil.io import write_text
+from ikdmil.io import remove_stale_temps, write_text
 from ikdmil.losses import mil_loss
 from ikdmil.models import MILOutput, MILSegmenter, create_model
 from ikdmil.models.checkpoint import load_model, save_model
@@ -67,7 +67,23 @@ class TrainingRun:
                 f"{self.run_dir}: a run already exists here; pass --resume to continue it or choose another --out"
             )
         self.resume = resume
+        if resume and self.ckpt_path.exists():
+            self._check_resume()
         self.rows: list[dict] = []
+
+    def _check_resume(self) -> None:
+        """Refuse a resume whose run-defining options differ from the run's (saved in config.yaml), and
+        clear the temporaries a killed run left in the folder."""
+        saved_path = self.run_dir / "config.yaml"
+        if saved_path.is_file():
+            bad = resume_conflicts(self.cfg, RunConfig.load(saved_path))
+            if bad:
+                raise IkdmilError(
+                    f"{self.run_dir}: --resume with other settings than the run's: {'; '.join(bad)}; resume with "
+                    f"the run's settings (only {', '.join(RESUME_MAY_CHANGE[:-1])} may change) or start a new --out"
+                )
+        if self.dist.is_main:
+            remove_stale_temps(self.run_dir)
 
     def load_data(self) -> None:
         """Read the splits and build (or reuse) their preprocessing caches; rank 0 builds them."""

@@ -108,7 +108,7 @@ def _curves(plan, backbone: str, names: list[str]) -> list[dict]:
     from ikdmil.experiment.variants import VARIANTS
 
     by_run: dict[str, dict] = {}
-    for b, variant, seed, job in plan.entries:
+    for b, variant, _seed, job in plan.entries:
         if (b != backbone or variant not in names or not VARIANTS[variant].student or job.kind != "distill"
                 or not job.finished()):
             continue

@@ -33,10 +33,21 @@ import yaml
 
 from ikdmil.config import RunConfig
 from ikdmil.errors import IkdmilError
+from ikdmil.experiment.variants import (
+    PROFILES,
+    STAGE2_FIELDS,
+    TEACHER_LOSS_BY_BACKBONE,
+    VARIANTS,
+    apply_overrides,
+    comparable,
+    config_fields,
+    is_method_run,
+    missing_fields,
+    profile_config,
+    run_key,
+    stage1_key,
+)
 from ikdmil.io import write_text
-from ikdmil.experiment.variants import (PROFILES, STAGE2_FIELDS, TEACHER_LOSS_BY_BACKBONE, VARIANTS,
-                                        apply_overrides, comparable, config_fields, is_method_run, missing_fields,
-                                        profile_config, run_key, stage1_key)
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +63,13 @@ class ExperimentSettings:
     out: str = field(metadata={"help": "experiment folder (runs, tables, plots); rerun to resume"})
     profile: str = field(default="cpu", metadata={"help": "schedule: " + ", ".join(
         f"{p.name} ({p.help})" for p in PROFILES.values())})
-    variants: str = field(default="mil,ikd", metadata={"help": "comma-separated variants, or 'all': " + ", ".join(VARIANTS)})
+    variants: str = field(default="mil,ikd",
+                          metadata={"help": "comma-separated variants, or 'all': " + ", ".join(VARIANTS)})
     seeds: int = field(default=3, metadata={"help": "number of seeds"})
     seed_start: int = field(default=0, metadata={"help": "first seed (seeds are seed_start, seed_start + 1, ...)"})
     backbones: str = field(default="", metadata={"help": "comma-separated backbones for Table 2 rows; each baseline "
-                                                          "teacher uses its own MIL loss (default: the profile's, vgg16)"})
+                                                          "teacher uses its own MIL loss "
+                                                          "(default: the profile's, vgg16)"})
     teacher_loss: str = field(default="auto", metadata={"help": "stage-1 loss: auto (the backbone's paper: dice for "
                                                                  "vgg16, gem for the baselines) | dice | gem"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
@@ -75,8 +88,8 @@ class Job:
     seed: int
     cfg: RunConfig
     variants: list[str]  # the variants this run reports
-    teacher: "Job | None" = None
-    users: list["Job"] = field(default_factory=list)  # teacher jobs: the distill jobs reading it
+    teacher: Job | None = None
+    users: list[Job] = field(default_factory=list)  # teacher jobs: the distill jobs reading it
 
     @property
     def run_dir(self) -> Path:
@@ -160,7 +173,8 @@ class Plan:
         from ikdmil.losses import TEACHER_LOSSES
 
         if s.teacher_loss != "auto" and s.teacher_loss not in TEACHER_LOSSES:
-            raise IkdmilError(f"--teacher-loss must be auto or one of {', '.join(TEACHER_LOSSES)} (got {s.teacher_loss!r})")
+            raise IkdmilError(f"--teacher-loss must be auto or one of {', '.join(TEACHER_LOSSES)} "
+                              f"(got {s.teacher_loss!r})")
         if s.bin_width < 0:
             raise IkdmilError("--bin-width must be >= 0 (0 = each run's swap_every)")
         self.out = Path(s.out).expanduser()
@@ -183,7 +197,8 @@ class Plan:
         self.jobs: list[Job] = []
         self.entries: list[tuple[str, str, int, Job]] = []  # (backbone, variant, seed, job reporting it)
         for b in self.backbones:
-            loss = s.teacher_loss if s.teacher_loss != "auto" else TEACHER_LOSS_BY_BACKBONE.get(b, self.base.teacher_loss)
+            loss = (s.teacher_loss if s.teacher_loss != "auto"
+                    else TEACHER_LOSS_BY_BACKBONE.get(b, self.base.teacher_loss))
             for seed in self.seeds:
                 self._plan_seed(dataclasses.replace(self.base, backbone=b, teacher_loss=loss, seed=seed))
         for job in self.jobs:
@@ -216,8 +231,8 @@ class Plan:
             if is_method_run(c):
                 k = run_key(c)
                 if k not in methods:
-                    methods[k] = Job("method", b, seed, dataclasses.replace(c, out=str(self.out / b / name / f"seed{seed}")),
-                                     [])
+                    methods[k] = Job("method", b, seed,
+                                     dataclasses.replace(c, out=str(self.out / b / name / f"seed{seed}")), [])
                     self.jobs.append(methods[k])
                 methods[k].variants.append(name)
                 self.entries.append((b, name, seed, methods[k]))

@@ -266,7 +266,8 @@ def gaussian_radius(sigma: float, truncate: float = 4.0) -> int:
 
 
 def tile_maps(lm: LoadedModel, batch: torch.Tensor, sigma: float, s: int):
-    """(B, T/s, T/s) float32 numpy: fused maps, smoothed per tile as in evaluation, averaged down by s (on the device)."""
+    """(B, T/s, T/s) float32 numpy: fused maps, smoothed per tile as in evaluation, averaged down by s
+    (on the device)."""
     fused = gaussian_smooth(lm.fused(batch), sigma)
     if s > 1:
         fused = F.avg_pool2d(fused[:, None], s)[:, 0]

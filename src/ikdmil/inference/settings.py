@@ -72,7 +72,7 @@ class PredictSettings:
         d["colour"] = list(self.colour)
         return d
 
-    def validate(self) -> "PredictSettings":
+    def validate(self) -> PredictSettings:
         """Types and bounds of every field (tissue settings included); the error names the option."""
         return check_settings(self)
 

@@ -49,8 +49,18 @@ from ikdmil.errors import IkdmilError
 from ikdmil.inference.model import LoadedModel, gaussian_radius, tile_maps
 from ikdmil.inference.outputs import check_owned, locked, write_marker
 from ikdmil.inference.settings import PredictSettings
-from ikdmil.inference.tiling import (Box, BandStitcher, Geometry, large_tiling, resolve_tiling, select_tiles,
-                                     slide_geometry, tile_loader, tile_window, tissue_lookup)
+from ikdmil.inference.tiling import (
+    BandStitcher,
+    Box,
+    Geometry,
+    large_tiling,
+    resolve_tiling,
+    select_tiles,
+    slide_geometry,
+    tile_loader,
+    tile_window,
+    tissue_lookup,
+)
 from ikdmil.io import chmod_default, make_temp_dir, one_line, replace_folder, write_png, write_text
 from ikdmil.slide.reader import Slide, open_slide
 from ikdmil.slide.tiff import write_pyramid_tiff

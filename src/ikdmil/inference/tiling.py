@@ -70,13 +70,15 @@ def resolve_tiling(tile: int, overlap: int | None, out_stride: int) -> tuple[int
     if tile < 16:
         raise IkdmilError(f"--tile-size {tile}: must be at least 16 model pixels")
     if tile % out_stride:
-        raise IkdmilError(f"--tile-size {tile} is not a multiple of --out-stride {out_stride}; choose sizes that divide")
+        raise IkdmilError(f"--tile-size {tile} is not a multiple of --out-stride {out_stride}; "
+                          "choose sizes that divide")
     if overlap is None:
         overlap = (tile // 4) // out_stride * out_stride
     if not 0 <= overlap < tile:
         raise IkdmilError(f"--overlap {overlap}: must be at least 0 and smaller than the tile size {tile}")
     if overlap % out_stride:
-        raise IkdmilError(f"--overlap {overlap} is not a multiple of --out-stride {out_stride}; choose sizes that divide")
+        raise IkdmilError(f"--overlap {overlap} is not a multiple of --out-stride {out_stride}; "
+                          "choose sizes that divide")
     return tile, overlap
 
 
@@ -123,7 +125,8 @@ def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-def select_tiles(geom: Geometry, tissue: TissueMap | None, min_tissue: float) -> tuple[list[Box], list[tuple[int, int]]]:
+def select_tiles(geom: Geometry, tissue: TissueMap | None,
+                 min_tissue: float) -> tuple[list[Box], list[tuple[int, int]]]:
     """(level-0 boxes, (row, col) cells) of the tiles to process, in row order; tissue None: every tile."""
     boxes, cells = [], []
     for r in range(geom.grid[1]):

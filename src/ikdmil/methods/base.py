@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -210,7 +210,8 @@ class SegRun(TrainingRun):
 
         return step
 
-    def train_segnet(self, name: str, role: str, epochs: int, step_for: Callable[[nn.Module, torch.optim.Optimizer], Step],
+    def train_segnet(self, name: str, role: str, epochs: int,
+                     step_for: Callable[[nn.Module, torch.optim.Optimizer], Step],
                      desc: str | None = None) -> None:
         """Train `self.nets[name]` for `epochs` with the step `step_for(view, optimizer)` builds; keep its
         best epoch on validation; write it to `ROLE.safetensors`."""
@@ -229,7 +230,8 @@ class SegRun(TrainingRun):
                 best = self.best.get(name)
                 if best is None or fields["val_score"] > best.score:
                     self.best[name] = Best.of(net, fields["val_score"], self.epoch)
-                self.info(f"{desc} epoch {self.epoch}/{epochs}  loss {losses['loss']:.4f}  val {fields['val_score']:.4f}")
+                self.info(f"{desc} epoch {self.epoch}/{epochs}  loss {losses['loss']:.4f}  "
+                          f"val {fields['val_score']:.4f}")
             self.end_epoch(row, t0)
         best = self.best[name]
         net.load_state_dict(best.state)

@@ -20,8 +20,8 @@ that reads training masks).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ikdmil.errors import IkdmilError
 

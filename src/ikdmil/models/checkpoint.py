@@ -19,8 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from ikdmil.io import atomic_path, one_line
 from ikdmil.errors import IkdmilError
+from ikdmil.io import atomic_path, one_line
 
 FORMAT = "ikdmil-model-1"
 
@@ -120,7 +120,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", expect_back
 def _build(meta: dict, path: Path):
     """The untrained network the metadata describes (`head`: mil, the default, or segnet)."""
     from ikdmil.models import create_model
-    from ikdmil.models.segnet import HEAD as SEGNET, create_segnet
+    from ikdmil.models.segnet import HEAD as SEGNET
+    from ikdmil.models.segnet import create_segnet
 
     head = meta.get("head", "mil")
     if head == "mil":

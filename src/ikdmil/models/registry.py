@@ -12,7 +12,7 @@ windowed attention (criss-cross attention, Swin windows), which keep the small-t
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -31,8 +31,9 @@ import os
 import pickle
 import re
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -202,7 +203,7 @@ def _convs_from_lpips_tree(tree: Any, path: Path, shapes: list[tuple[int, int]])
             f"{[k for _, k in convs]}; this is not a VGG16 checkpoint"
         )
     out: ConvWeights = []
-    for (i, key), (c_out, c_in) in zip(convs, shapes):
+    for (_i, key), (c_out, c_in) in zip(convs, shapes):
         layer = vgg[key]
         kernel = layer.get("kernel") if isinstance(layer, dict) else None
         bias = layer.get("bias") if isinstance(layer, dict) else None

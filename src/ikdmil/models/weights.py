@@ -10,8 +10,9 @@ BatchNorm folding live in :mod:`ikdmil.models.vgg_weights`.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn

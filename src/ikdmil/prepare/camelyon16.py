@@ -46,11 +46,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ikdmil.errors import IkdmilError
 from ikdmil.io import write_png
 from ikdmil.prepare.common import ResumableOutput, format_counts, natural_key, save_patch_image
-from ikdmil.slide.tissue import TissueParams, slide_tissue
 from ikdmil.slide.reader import open_slide, read_scaled
-from ikdmil.errors import IkdmilError
+from ikdmil.slide.tissue import TissueParams, slide_tissue
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class Camelyon16Options:
     reference: str | None = None
     tissue: TissueParams = field(default_factory=TissueParams)
 
-    def validate(self) -> "Camelyon16Options":
+    def validate(self) -> Camelyon16Options:
         checks = [
             (self.patch_size >= 16, "--patch-size must be at least 16"),
             (self.mpp is None or self.mpp > 0, "--mpp must be positive"),
@@ -116,7 +116,8 @@ def read_asap_xml(path: str | os.PathLike, exclusion_groups=("_2", "Exclusion"))
     try:
         root = ET.parse(path).getroot()
     except (ET.ParseError, OSError) as exc:
-        raise IkdmilError(f"{path}: not a readable ASAP XML file ({' '.join(str(exc).split())}); fix or re-export it") from None
+        raise IkdmilError(f"{path}: not a readable ASAP XML file ({' '.join(str(exc).split())}); "
+                          "fix or re-export it") from None
     excl = {g.lower() for g in exclusion_groups}
     tumour, exclusion = [], []
     for ann in root.iter("Annotation"):
@@ -189,7 +190,8 @@ def _read_reference(path: Path) -> dict[str, bool]:
                     raise IkdmilError(f"{path}:{line}: label {label!r} for {row[0]}; it must be Tumor or Normal")
                 out[name] = label != "normal"
     except (OSError, UnicodeDecodeError) as exc:
-        raise IkdmilError(f"{path}: cannot read the reference CSV ({exc}); give a CSV of name,Tumor|Normal rows") from None
+        raise IkdmilError(f"{path}: cannot read the reference CSV ({exc}); "
+                          "give a CSV of name,Tumor|Normal rows") from None
     return out
 
 
@@ -205,7 +207,8 @@ def _collect(slides_dir: Path, annos_dir: Path, opts: Camelyon16Options) -> tupl
         cands = sorted({p.resolve() for d in (slides_dir, annos_dir) for p in d.rglob("*")
                         if p.is_file() and p.name.lower() == "reference.csv"})
         if len(cands) > 1:
-            raise IkdmilError(f"{cands[0]}: several reference.csv files found ({len(cands)}); pick one with --reference")
+            raise IkdmilError(f"{cands[0]}: several reference.csv files found ({len(cands)}); "
+                              "pick one with --reference")
         ref_path = cands[0] if cands else None
     elif not ref_path.is_file():
         raise IkdmilError(f"{ref_path}: reference CSV not found; check --reference")
@@ -447,7 +450,8 @@ def _summary(slides: list, scans: dict, chosen: dict, opts: Camelyon16Options, s
              info: dict) -> dict:
     """camelyon16_summary.json: the slides of each split, patches per slide, their µm/px, the protocol."""
     slide_table = {
-        split: sorted((s.name for s in slides if s.split == split), key=natural_key) for split in ("train", "val", "test")
+        split: sorted((s.name for s in slides if s.split == split), key=natural_key)
+        for split in ("train", "val", "test")
     }
     candidates = {s.name: len(scans[s.name]["candidates"]) for s in slides}
     summary = {

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ikdmil.io import atomic_path, write_png, write_text
 from ikdmil.data.manifest import MANIFEST_NAME, SPLITS, Sample, write_manifest
 from ikdmil.errors import IkdmilError
+from ikdmil.io import atomic_path, write_png, write_text
 
 STATE_DIR = ".ikdmil-prepare"
 HIST_BINS = 10
@@ -98,7 +98,8 @@ class ResumableOutput:
     def finish(self, records: list[dict], summary: dict) -> Path:
         order = {s: i for i, s in enumerate(SPLITS)}
         records = sorted(records, key=lambda r: (order[r["split"]], -r["label"], natural_key(r["image"])))
-        samples = [Sample(self.out / r["image"], int(r["label"]), self.out / r["mask"] if r["mask"] else None, r["split"])
+        samples = [Sample(self.out / r["image"], int(r["label"]), self.out / r["mask"] if r["mask"] else None,
+                          r["split"])
                    for r in records]
         manifest = write_manifest(samples, self.out / MANIFEST_NAME)
         summary = {"preparer": self.preparer, "settings": self.settings, **summary,

@@ -33,10 +33,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ikdmil.errors import IkdmilError
 from ikdmil.io import open_image, read_rgb, write_png
 from ikdmil.prepare.common import ResumableOutput, format_counts, natural_key, save_patch_image
 from ikdmil.slide.tissue import TissueMap, TissueParams, detect_tissue, overview_downsample
-from ikdmil.errors import IkdmilError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class DigestPathOptions:
     image_format: str = "png"
     tissue: TissueParams = field(default_factory=TissueParams)
 
-    def validate(self) -> "DigestPathOptions":
+    def validate(self) -> DigestPathOptions:
         checks = [
             (self.crop_size >= 16, "--patch-size must be at least 16"),
             (0 <= self.max_background <= 1, "--max-background must be in [0, 1]"),
@@ -115,7 +115,8 @@ def read_tumour_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     img = open_image(path)
     arr = np.asarray(img.convert("L"))
     if arr.shape != shape:
-        raise IkdmilError(f"{path}: mask is {arr.shape[1]}x{arr.shape[0]} px but its image is {shape[1]}x{shape[0]} px; "
+        raise IkdmilError(f"{path}: mask is {arr.shape[1]}x{arr.shape[0]} px "
+                          f"but its image is {shape[1]}x{shape[0]} px; "
                           "pair each image with its own mask")
     return arr >= 128
 
@@ -152,7 +153,8 @@ def _has_tumour(mask_path: Path | None) -> bool:
     return bool((np.asarray(img.convert("L")) >= 128).any())
 
 
-def _process(name: str, image: Path, mask_path: Path | None, split: str, opts: DigestPathOptions, out: Path) -> list[dict]:
+def _process(name: str, image: Path, mask_path: Path | None, split: str, opts: DigestPathOptions,
+             out: Path) -> list[dict]:
     rgb = read_rgb(image)
     h, w = rgb.shape[:2]
     mask = read_tumour_mask(mask_path, (h, w)) if mask_path is not None else None

@@ -33,9 +33,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from ikdmil.io import make_temp_dir, read_rgb, remove_stale_temps, replace_folder, write_png, write_text
 from ikdmil.data.manifest import MANIFEST_NAME, Sample, write_manifest
 from ikdmil.errors import IkdmilError
+from ikdmil.io import make_temp_dir, read_rgb, remove_stale_temps, replace_folder, write_png, write_text
 from ikdmil.prepare.common import natural_key
 
 SUMMARY_NAME = "glas_summary.json"
@@ -440,7 +440,8 @@ def prepare_glas(
     seed: int = 0,
     progress: bool = True,
 ) -> Path:
-    """Convert a GlaS folder into ikdmil's layout out/{train,val,test}/{pos,neg,masks} + out/manifest.csv; return the manifest path.
+    """Convert a GlaS folder into ikdmil's layout out/{train,val,test}/{pos,neg,masks} + out/manifest.csv;
+    return the manifest path.
 
     Malignant images are positives with their gland mask as tumour mask, benign images negatives with an
     empty mask; test = testA + testB; validation is ~val_fraction of train, chosen by patient from `seed`.

@@ -34,9 +34,9 @@ from scipy import ndimage
 from scipy.special import ndtri
 from tqdm import tqdm
 
-from ikdmil.io import atomic_path, write_png, write_text
 from ikdmil.data.manifest import MANIFEST_NAME, SPLITS, Sample, write_manifest
 from ikdmil.errors import IkdmilError
+from ikdmil.io import atomic_path, write_png, write_text
 
 GENERATOR_VERSION = 1
 MIN_SIZE = 32
@@ -513,7 +513,8 @@ def _optics(rng: np.random.Generator, H: np.ndarray, E: np.ndarray, low: np.ndar
     E = ndimage.gaussian_filter(E, blur)
     od_h = _unit(np.abs(OD_HAEMATOXYLIN / np.linalg.norm(OD_HAEMATOXYLIN) + rng.normal(0, 0.07, 3)) + 0.01)
     # eosin's red absorption differs a lot between protocols (estimated vectors range ~0.05-0.35)
-    od_e = _unit(np.abs(OD_EOSIN / np.linalg.norm(OD_EOSIN) + rng.normal(0, 0.07, 3)) + [rng.uniform(0, 0.28), 0.0, 0.01])
+    od_e = _unit(np.abs(OD_EOSIN / np.linalg.norm(OD_EOSIN) + rng.normal(0, 0.07, 3))
+                 + [rng.uniform(0, 0.28), 0.0, 0.01])
     od_r = _unit(np.abs(np.cross(od_h, od_e)) + 0.05)
     thick = float(np.clip(rng.lognormal(0.0, 0.35), 0.45, 2.0))
     s_h = thick * float(np.clip(rng.lognormal(0.0, 0.35), 0.5, 2.0))

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ikdmil.io import write_text
 from ikdmil.errors import IkdmilError
+from ikdmil.io import write_text
 
 DEFAULT_CLASS = "Tumor"  # QuPath's built-in tumour class name
 DEFAULT_COLOUR = (200, 0, 0)  # QuPath's colour for it
@@ -212,7 +212,8 @@ def read_polygons(path: str | os.PathLike) -> list:
         try:
             polys.extend(_polygons_only(shapely.make_valid(shape(geom))))
         except (ValueError, TypeError, AttributeError, shapely.errors.ShapelyError) as exc:
-            raise IkdmilError(f"{path}: malformed polygon ({' '.join(str(exc).split())}); fix or re-export the file") from None
+            raise IkdmilError(f"{path}: malformed polygon ({' '.join(str(exc).split())}); "
+                              "fix or re-export the file") from None
     if not polys:
         raise IkdmilError(f"{path}: no Polygon or MultiPolygon geometries; draw the tissue as area annotations")
     return polys

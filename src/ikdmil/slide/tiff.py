@@ -7,8 +7,8 @@ A SubIFD pyramid is *not* read by OpenSlide as levels, so reduced images are wri
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image

@@ -42,7 +42,7 @@ class TissueParams:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def validate(self) -> "TissueParams":
+    def validate(self) -> TissueParams:
         return check_settings(self, "tissue-")
 
     # command-line help and bounds (`ikdmil.config.Opt`); predict and prepare show them as --tissue-NAME
@@ -82,7 +82,8 @@ class TissueMap:
         c0, r0 = max(0, math.floor(x / dx)), max(0, math.floor(y / dy))
         c1, r1 = min(W, math.ceil((x + w) / dx)), min(H, math.ceil((y + h) / dy))
         # cells beyond the slide count as background
-        total = max(1, math.ceil((x + w) / dx) - math.floor(x / dx)) * max(1, math.ceil((y + h) / dy) - math.floor(y / dy))
+        total = (max(1, math.ceil((x + w) / dx) - math.floor(x / dx))
+                 * max(1, math.ceil((y + h) / dy) - math.floor(y / dy)))
         if c1 <= c0 or r1 <= r0:
             return 0.0
         s = self._integral
