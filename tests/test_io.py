@@ -103,9 +103,9 @@ def test_the_cache_clears_what_a_killed_build_left(tmp_path, tiny_synth):
 
     cache = tmp_path / "cache"
     cache.mkdir()
-    import socket
+    from ikdmil.io import owner_tag
 
-    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40]
+    host = owner_tag().rsplit("-", 1)[0]
     stale = cache / f".abc.tmp-{host}-999999999-zz"  # no such process
     stale.mkdir()
     (stale / "images.npy").write_bytes(b"0" * 4096)

@@ -67,7 +67,7 @@ def chmod_default(path: str | os.PathLike, mode: int) -> None:
     os.chmod(path, mode & ~umask)
 
 
-def _owner_tag() -> str:
+def owner_tag() -> str:
     """``HOST-PID``: put into every temporary name, so a later run can tell an abandoned one (its process
     is gone) from one that another live process is still writing."""
     host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
@@ -76,7 +76,7 @@ def _owner_tag() -> str:
 
 def temp_prefix(target: str | os.PathLike, hidden: bool = True) -> str:
     """The name prefix of temporary files and folders written for `target` by this process."""
-    return f"{'.' if hidden else ''}{Path(target).name}.tmp-{_owner_tag()}-"
+    return f"{'.' if hidden else ''}{Path(target).name}.tmp-{owner_tag()}-"
 
 
 def make_temp_dir(target: str | os.PathLike, hidden: bool = True) -> Path:
@@ -104,7 +104,7 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     behind for good. Returns what was removed.
     """
     folder = Path(folder)
-    host = _owner_tag().rsplit("-", 1)[0]
+    host = owner_tag().rsplit("-", 1)[0]
     removed = []
     try:
         entries = list(os.scandir(folder))

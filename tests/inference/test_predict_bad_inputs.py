@@ -30,7 +30,7 @@ from PIL import Image
 from ikdmil.cli import main
 from ikdmil.inference import PredictSettings, predict
 from ikdmil.inference.outputs import MARKER
-from ikdmil.io import MAX_PIXELS_ENV, _owner_tag
+from ikdmil.io import MAX_PIXELS_ENV, owner_tag
 
 SIZE = (200, 160)  # level-0 px at 0.5 µm/px = model resolution: 4 x 3 tiles of 64 px
 
@@ -388,7 +388,7 @@ def test_temporaries_of_killed_runs_are_removed_and_those_of_live_runs_kept(worl
     p = patch(inputs, "p.png")
     out = tmp_path / "OUT"
     (out / "masks").mkdir(parents=True)
-    host = _owner_tag().rsplit("-", 1)[0]
+    host = owner_tag().rsplit("-", 1)[0]
     dead = subprocess.Popen(["true"])
     dead.wait()
     live = subprocess.Popen(["sleep", "60"])
