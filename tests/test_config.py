@@ -12,18 +12,11 @@ from pathlib import Path
 import pytest
 
 from ikdmil.cli import main
-from ikdmil.config import (
-    EvaluateSettings,
-    RunConfig,
-    check_settings,
-    coerce,
-    load_settings,
-    read_yaml,
-    settings_from_mapping,
-)
+from ikdmil.config import EvaluateSettings, RunConfig
 from ikdmil.errors import IkdmilError
 from ikdmil.inference import PredictSettings
 from ikdmil.slide.tissue import TissueParams
+from ikdmil.typed_settings import check_settings, coerce, load_settings, read_yaml, settings_from_mapping
 
 # the classic "billion laughs": 291 bytes that expand to 9**7 strings when aliases are followed
 ALIAS_BOMB = ('a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'

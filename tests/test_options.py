@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import pytest
 
 from ikdmil.cli import build_parser, main
-from ikdmil.config import DemoSettings, EvaluateSettings, RunConfig, option_flag
+from ikdmil.config import DemoSettings, EvaluateSettings, RunConfig
 from ikdmil.errors import IkdmilError
 from ikdmil.inference import PredictSettings
 from ikdmil.options import Parser, TerminalHandler, add_settings_options, given_values, settings_from_args
 from ikdmil.slide.tissue import TissueParams
+from ikdmil.typed_settings import option_flag
 
 
 def subcommand_help(command: str, capsys) -> str:

@@ -17,15 +17,7 @@ import sys
 from pathlib import Path
 
 from ikdmil import __version__
-from ikdmil.config import (
-    DEMO_RUN_DEFAULTS,
-    DemoSettings,
-    EvaluateSettings,
-    RunConfig,
-    check_output_folder,
-    coerce,
-    settings_from_mapping,
-)
+from ikdmil.config import DEMO_RUN_DEFAULTS, DemoSettings, EvaluateSettings, RunConfig
 from ikdmil.errors import IkdmilError
 from ikdmil.options import (
     HelpFormatter,
@@ -39,6 +31,7 @@ from ikdmil.options import (
     release_logging,
     settings_from_args,
 )
+from ikdmil.typed_settings import check_output_folder, coerce, settings_from_mapping
 
 RESUME_HINT = "continue the run with the same command and --resume"
 DEMO_SKIP = ("data", "out", "cache_dir")  # RunConfig fields the demo sets itself

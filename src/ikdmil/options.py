@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ikdmil.config import (
+from ikdmil.errors import IkdmilError
+from ikdmil.typed_settings import (
     Opt,
     check_value,
     convert,
@@ -29,7 +30,6 @@ from ikdmil.config import (
     optional_inner,
     settings_from_mapping,
 )
-from ikdmil.errors import IkdmilError
 
 
 # ----------------------------------------------------------------- parser classes

@@ -112,7 +112,7 @@ def load_for_inference(path: str | os.PathLike, settings: PredictSettings) -> Lo
 
 
 def _meta_ok(value, tp: type, ok) -> bool:
-    from ikdmil.config import coerce
+    from ikdmil.typed_settings import coerce
 
     try:
         v = coerce(value, tp)
@@ -123,7 +123,7 @@ def _meta_ok(value, tp: type, ok) -> bool:
 
 def _meta_number(path, meta: dict, key: str, tp: type, option: str, what: str, ok, default=None):
     """meta[key] as `tp` when `ok`, else a one-line error naming the model file, the key and the option."""
-    from ikdmil.config import coerce
+    from ikdmil.typed_settings import coerce
 
     raw = meta.get(key, default)
     if _meta_ok(raw, tp, ok):

@@ -10,8 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ikdmil.config import Opt, check_settings
 from ikdmil.slide.tissue import TissueParams
+from ikdmil.typed_settings import Opt, check_settings
 
 DEFAULT_MODEL_MPP = 0.5  # 20x: the resolution models are assumed to be trained at unless they say otherwise
 MAX_SLIDE_MPP = 20.0  # µm/px: coarser is a magnification or a screen dpi, not a slide's resolution

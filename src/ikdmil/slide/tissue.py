@@ -25,8 +25,8 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
-from ikdmil.config import Opt, check_settings
 from ikdmil.errors import IkdmilError
+from ikdmil.typed_settings import Opt, check_settings
 
 
 @dataclass
