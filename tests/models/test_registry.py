@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
+from fakes.models import TinyNet
 from safetensors import safe_open
-from torch import nn
 
 from ikdmil.engine.teacher import (
     make_teacher_step,
@@ -78,21 +78,6 @@ def test_stage1_steps_reduce_the_teacher_loss(name, loss):
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0], losses
     assert torch.equal(model.fusion_logits.detach(), torch.zeros(len(model.backbone.out_channels)))
-
-
-class TinyNet(nn.Module):
-    """Two conv stages; side outputs at strides 1 and 2 (any number of sides, any strides)."""
-
-    out_channels = [8, 16]
-
-    def __init__(self):
-        super().__init__()
-        self.stage1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.stage2 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-
-    def forward(self, x):  # x: ImageNet-normalised (B, 3, H, W)
-        f1 = self.stage1(x)
-        return [f1, self.stage2(f1)]
 
 
 @pytest.fixture

@@ -222,20 +222,11 @@ class Pipeline(TrainingRun):
         self.sel.epochs_run += 1
         return run_epoch(step, loader, self.device, self.augment, desc, self.progress)
 
-    def _state(self) -> dict:
+    def checkpoint_state(self) -> dict:
         return {"phase": self.phase, "epoch": self.epoch, "teacher": self.teacher.state_dict(),
                 "student": self.student.state_dict() if self.student is not None else None,
                 "optimizer": self.opt.state_dict() if self.opt is not None else None,
                 "selection": self.sel.to_state()}
-
-    def _end_epoch(self, row: dict, t0: float) -> None:
-        row["seconds"] = round(time.perf_counter() - t0, 3)
-        self.log.add(row)
-        self.checkpoint(self._state())
-
-    def _enter(self, phase: str) -> None:
-        self.phase, self.epoch, self.opt = phase, 0, None
-        self.checkpoint(self._state())
 
     # ----------------------------------------------------------------- stage 1: MIL teacher
     def teacher_phase(self) -> None:
@@ -252,10 +243,10 @@ class Pipeline(TrainingRun):
             if self.sel.teacher_best is None or score > self.sel.teacher_best.score:
                 self.sel.teacher_best = Best.of(self.teacher, score, self.epoch)
             self.info(f"teacher epoch {self.epoch}/{cfg.teacher_epochs}  loss {losses['loss']:.4f}  val {score:.4f}")
-            self._end_epoch({"phase": "teacher", "epoch": self.epoch, **losses, **fields}, t0)
+            self.end_epoch({"phase": "teacher", "epoch": self.epoch, **losses, **fields}, t0)
         if self.sel.teacher_best is not None:  # selection on the validation split
             self.teacher.load_state_dict(self.sel.teacher_best.state)
-        self._enter("fusion")
+        self.enter_phase("fusion")
 
     # ----------------------------------------------------------------- fusion-weight fit
     def fusion_phase(self) -> None:
@@ -268,7 +259,7 @@ class Pipeline(TrainingRun):
         self.save_model_file(teacher, "teacher.safetensors", role="teacher", val_score=sel.teacher_score)
         self.info(f"teacher: fusion weights {[round(float(v), 3) for v in teacher.fusion_weights.detach()]}, "
                   f"val {sel.teacher_score:.4f} -> {self.run_dir / 'teacher.safetensors'}")
-        self._enter("distill" if self.last_phase == "distill" else "done")
+        self.enter_phase("distill" if self.last_phase == "distill" else "done")
 
     def _fit_fusion(self) -> None:
         cfg, teacher = self.cfg, self.teacher
@@ -286,7 +277,7 @@ class Pipeline(TrainingRun):
             row = {"phase": "fusion", "epoch": self.epoch, **losses, "fusion_weights": " ".join(map(str, w))}
             if self.epoch == cfg.fusion_epochs:
                 row.update(self._judge_fusion())
-            self._end_epoch(row, t0)
+            self.end_epoch(row, t0)
 
     def _judge_fusion(self) -> dict:
         """Keep the fitted fusion weights only if they beat the stage-1 (uniform) ones on validation."""
@@ -333,12 +324,12 @@ class Pipeline(TrainingRun):
             if swapped:
                 step = self._cycle_step()
             row["swap"] = int(swapped)
-            self._end_epoch(row, t0)
+            self.end_epoch(row, t0)
         if self.sel.student_best is not None:
             self.student.load_state_dict(self.sel.student_best.state)
             self.save_model_file(self.student, "student.safetensors", role="student",
                                  val_score=self.sel.student_best.score)
-        self._enter("done")
+        self.enter_phase("done")
 
     def _student_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import platform
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,6 +85,21 @@ class TrainingRun:
                 )
         if self.dist.is_main:
             remove_stale_temps(self.run_dir)
+
+    def checkpoint_state(self) -> dict:
+        """Everything the method needs to continue (models, optimizer, phase, epoch, selection)."""
+        raise NotImplementedError  # each method's subclass says what its checkpoint holds
+
+    def end_epoch(self, row: dict, t0: float) -> None:
+        """Log the epoch's metrics row (with its seconds) and checkpoint the run."""
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        self.log.add(row)
+        self.checkpoint(self.checkpoint_state())
+
+    def enter_phase(self, phase: str) -> None:
+        """Start `phase` at epoch 0 with no optimizer yet, and checkpoint that."""
+        self.phase, self.epoch, self.opt = phase, 0, None
+        self.checkpoint(self.checkpoint_state())
 
     def load_data(self) -> None:
         """Read the splits and build (or reuse) their preprocessing caches; rank 0 builds them."""

@@ -109,7 +109,7 @@ class SegRun(TrainingRun):
             for i, phase in enumerate(self.phases):
                 if self.phase == phase:
                     getattr(self, "phase_" + phase.replace("-", "_"))()
-                    self._enter(self.phases[i + 1] if i + 1 < len(self.phases) else "done")
+                    self.enter_phase(self.phases[i + 1] if i + 1 < len(self.phases) else "done")
         finally:
             self.log.close()
         self.dist.barrier()
@@ -127,7 +127,7 @@ class SegRun(TrainingRun):
         return net.to(self.device, memory_format=torch.channels_last)
 
     # ----------------------------------------------------------------- checkpoints
-    def _state(self) -> dict:
+    def checkpoint_state(self) -> dict:
         return {"phase": self.phase, "epoch": self.epoch, "epochs_run": self.epochs_run,
                 "nets": {k: v.state_dict() for k, v in self.nets.items()},
                 "optimizer": self.opt.state_dict() if self.opt is not None else None,
@@ -164,15 +164,6 @@ class SegRun(TrainingRun):
             opt.load_state_dict(st["optimizer"])
         self.opt = opt
         return opt
-
-    def end_epoch(self, row: dict, t0: float) -> None:
-        row["seconds"] = round(time.perf_counter() - t0, 3)
-        self.log.add(row)
-        self.checkpoint(self._state())
-
-    def _enter(self, phase: str) -> None:
-        self.phase, self.epoch, self.opt = phase, 0, None
-        self.checkpoint(self._state())
 
     def next_epoch(self, step: Step, desc: str) -> dict[str, float]:
         loader = self.epoch_loader(self.epochs_run)

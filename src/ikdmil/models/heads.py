@@ -40,7 +40,22 @@ class MILOutput:
         return [*self.sides, self.fused]
 
 
-class MILSegmenter(nn.Module):
+class SideTaps:
+    """For a network over `self.backbone` (named `self.name`): where the backbone's side outputs are taken."""
+
+    @property
+    def side_taps(self) -> str | None:
+        """"pre-pool" / "post-pool" for the VGG family, None when the backbone's sides are fixed."""
+        return getattr(self.backbone, "side_taps", None)
+
+    def set_side_taps(self, taps: str) -> None:
+        """Choose the side taps of a backbone that offers them (parameter-free: weights still fit)."""
+        if self.side_taps is None:
+            raise ValueError(f"backbone {self.name!r} has fixed side outputs; it has no side taps to choose")
+        self.backbone.set_side_taps(taps)
+
+
+class MILSegmenter(SideTaps, nn.Module):
     """Backbone + side heads + weighted fusion; input is RGB in [0,1] (float) or uint8."""
 
     def __init__(self, backbone: nn.Module, name: str):
@@ -55,17 +70,6 @@ class MILSegmenter(nn.Module):
     @property
     def fusion_weights(self) -> torch.Tensor:
         return torch.softmax(self.fusion_logits, dim=0)
-
-    @property
-    def side_taps(self) -> str | None:
-        """Where the backbone's side outputs are taken ("pre-pool" / "post-pool"), None if fixed."""
-        return getattr(self.backbone, "side_taps", None)
-
-    def set_side_taps(self, taps: str) -> None:
-        """Choose the side taps of a backbone that offers them (parameter-free: weights still fit)."""
-        if self.side_taps is None:
-            raise ValueError(f"backbone {self.name!r} has fixed side outputs; it has no side taps to choose")
-        self.backbone.set_side_taps(taps)
 
     def side_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Side logits upsampled to the input size (before the sigmoid), float32 whatever the autocast."""

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ikdmil.models.heads import IMAGENET_MEAN, IMAGENET_STD, MILOutput
+from ikdmil.models.heads import IMAGENET_MEAN, IMAGENET_STD, MILOutput, SideTaps
 
 HEAD = "segnet"
 
@@ -38,7 +38,7 @@ def conv_block(c_in: int, c_out: int) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
-class SegNet(nn.Module):
+class SegNet(SideTaps, nn.Module):
     """Backbone + U-Net-style decoder -> one probability map (see the module docstring)."""
 
     head = HEAD
@@ -61,15 +61,6 @@ class SegNet(nn.Module):
     def file_meta(self) -> dict:
         """Metadata `save_model` stores so that `load_model` rebuilds this network."""
         return {"head": HEAD, "decoder_width": self.width}
-
-    @property
-    def side_taps(self) -> str | None:
-        return getattr(self.backbone, "side_taps", None)
-
-    def set_side_taps(self, taps: str) -> None:
-        if self.side_taps is None:
-            raise ValueError(f"backbone {self.name!r} has fixed side outputs; it has no side taps to choose")
-        self.backbone.set_side_taps(taps)
 
     def new_parameters(self) -> list[nn.Parameter]:
         """The decoder's parameters (randomly initialised, trained at a higher lr than the encoder)."""
