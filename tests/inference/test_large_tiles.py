@@ -84,7 +84,7 @@ def test_large_tiles_equal_a_whole_slide_pass_and_small_tiles_within_tolerance(n
     slide = write_slide(tmp_path / "s.tif", img, mpp=0.5, tile=64, levels=1)  # model resolution: no resampling
     model_file = random_model(tmp_path / f"{name}.safetensors", name, input_size=128, gain=20)
 
-    base = dict(sigma=SIGMA, out_stride=OUT_STRIDE, workers=0, device="cpu")
+    base = dict(sigma=SIGMA, out_stride=OUT_STRIDE, workers=0, device="cpu", large_tiles=True)
     large = predict(model_file, [slide], tmp_path / "large", PredictSettings(**base), progress=False)
     small = predict(model_file, [slide], tmp_path / "small", PredictSettings(tile_size=128, **base), progress=False)
     assert not large.failures and not small.failures

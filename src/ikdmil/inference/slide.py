@@ -161,9 +161,9 @@ def plan_slide(lm: LoadedModel, slide: Slide, slide_path: Path, settings: Predic
 
 
 def choose_tiling(lm: LoadedModel, settings: PredictSettings, model_size: tuple[float, float]) -> tuple[int, int, int]:
-    """(tile, overlap, margin) model px: large tiles for a tile-invariant model when neither --tile-size nor
-    --overlap is given (`LoadedModel.reach` is then known), else the model's input size (margin 0)."""
-    if lm.reach is not None and settings.tile_size is None and settings.overlap is None:
+    """(tile, overlap, margin) model px: with --large-tiles, large tiles for a tile-invariant model when neither
+    --tile-size nor --overlap is given (`LoadedModel.reach` is then known), else the model's input size."""
+    if settings.large_tiles and lm.reach is not None and settings.tile_size is None and settings.overlap is None:
         large = large_tiling(lm.reach, lm.net_stride, gaussian_radius(settings.sigma), settings.out_stride,
                              model_size)
         if large is not None:
