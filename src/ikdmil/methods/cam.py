@@ -43,6 +43,7 @@ from ikdmil.data.dataset import CachedArrays
 from ikdmil.device import autocast
 from ikdmil.engine.loop import BatchMeta, Step
 from ikdmil.io import atomic_path
+from ikdmil.losses import bce_loss
 from ikdmil.methods.base import SegRun, split_optimizer
 from ikdmil.models.heads import IMAGENET_MEAN, IMAGENET_STD
 
@@ -159,7 +160,17 @@ def save_array(path, array: np.ndarray) -> None:
 
 
 class CamRun(SegRun):
-    """A `SegRun` whose first phase trains the CAM classifier (`self.nets["classifier"]`)."""
+    """A `SegRun` whose first phase trains the CAM classifier (`self.nets["classifier"]`) and whose last
+    trains the segmentation network on `self.maps["pseudo"]` with `seg_loss` (BCE unless a method says)."""
+
+    @staticmethod
+    def seg_loss(pred: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return bce_loss(pred, target)
+
+    def phase_segnet(self) -> None:
+        targets = self.maps["pseudo"]
+        self.train_segnet("segnet", "segnet", self.cfg.seg_epochs,
+                          lambda view, opt: self.seg_step(view, opt, self.seg_loss, targets), f"{self.method} segnet")
 
     def build_classifier(self) -> None:
         cfg = self.cfg

@@ -38,7 +38,6 @@ import torch
 
 from ikdmil.config import RunConfig
 from ikdmil.engine.loop import BatchMeta, dihedral_inverse
-from ikdmil.losses import bce_loss
 from ikdmil.methods.cam import CamRun, normalise_cam
 from ikdmil.methods.registry import register_method
 
@@ -114,11 +113,6 @@ class OAARun(CamRun):
         val = with_fallback(self.acc_val.maps, self.cam_maps(self.val_arrays.images))
         self.make_pseudo_masks(train, val, "accumulated attention (OAA)")
 
-    def phase_segnet(self) -> None:
-        targets = self.maps["pseudo"]
-        self.train_segnet("segnet", "segnet", self.cfg.seg_epochs,
-                          lambda view, opt: self.seg_step(view, opt, lambda p, t, y: bce_loss(p, t), targets),
-                          "oaa segnet")
 
 
 @register_method("oaa", summary="CAMs accumulated over classifier epochs (max) -> pseudo-masks -> segmentation network")

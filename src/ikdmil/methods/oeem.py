@@ -39,6 +39,7 @@ def oeem_loss(pred, target, labels=None):
 class OEEMRun(CamRun):
     method = "oeem"
     phases = ("cam", "pseudo", "segnet")
+    seg_loss = staticmethod(oeem_loss)
 
     def build(self) -> None:
         self.build_classifier()
@@ -48,10 +49,6 @@ class OEEMRun(CamRun):
         self.make_pseudo_masks(self.cam_maps(self.train_arrays.images), self.cam_maps(self.val_arrays.images),
                                "CAM")
 
-    def phase_segnet(self) -> None:
-        targets = self.maps["pseudo"]
-        self.train_segnet("segnet", "segnet", self.cfg.seg_epochs,
-                          lambda view, opt: self.seg_step(view, opt, oeem_loss, targets), "oeem segnet")
 
 
 @register_method("oeem", summary="CAM pseudo-masks -> segmentation network with online easy-example mining")

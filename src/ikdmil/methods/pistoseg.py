@@ -210,11 +210,6 @@ class PistoSegRun(CamRun):
         val = (self.maps["cam_val"].float() + self.predict_maps(net, self.val_arrays.images)) / 2
         self.make_pseudo_masks(train, val, "CAM refined by the mosaic network (PistoSeg)")
 
-    def phase_segnet(self) -> None:
-        targets = self.maps["pseudo"]
-        self.train_segnet("segnet", "segnet", self.cfg.seg_epochs,
-                          lambda view, opt: self.seg_step(view, opt, lambda p, t, y: bce_loss(p, t), targets),
-                          "pistoseg segnet")
 
 
 @register_method("pistoseg", summary="mosaics of negative/positive crops with exact masks + feature consistency "
