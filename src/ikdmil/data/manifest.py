@@ -2,12 +2,14 @@
 
 Manifest CSV (header required)::
 
-    image,label,mask,split
-    train/pos/a.png,1,train/masks/a.png,train
-    train/neg/b.png,0,,train
+    image,label,mask,split,mpp
+    train/pos/a.png,1,train/masks/a.png,train,0.62
+    train/neg/b.png,0,,train,0.62
 
 Relative paths are relative to the manifest's folder. `label` is 1 (tumour present) or 0; `mask` is
-optional (it is only used for evaluation, never for training); `split` is train, val or test.
+optional (it is only used for evaluation, never for training); `split` is train, val or test; `mpp`
+is optional: the image file's resolution in µm per pixel, which preparers record so that training
+can store the model's resolution for `predict`.
 
 Folder layout::
 
@@ -34,18 +36,19 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-MANIFEST_COLUMNS = ("image", "label", "mask", "split")
+MANIFEST_COLUMNS = ("image", "label", "mask", "split", "mpp")
 MANIFEST_NAME = "manifest.csv"
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One image with its image-level label, optional evaluation mask and split."""
+    """One image with its image-level label, optional evaluation mask, split and resolution."""
 
     image: Path
     label: int
     mask: Path | None
     split: str
+    mpp: float | None = None  # µm per pixel of the image file, when the preparer knew it
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -63,7 +66,8 @@ def write_manifest(samples: Iterable[Sample], path: str | os.PathLike) -> Path:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(MANIFEST_COLUMNS)
     for s in samples:
-        writer.writerow([_rel(s.image, root), int(s.label), _rel(s.mask, root) if s.mask else "", s.split])
+        writer.writerow([_rel(s.image, root), int(s.label), _rel(s.mask, root) if s.mask else "", s.split,
+                         f"{s.mpp:g}" if s.mpp else ""])
     write_text(path, buf.getvalue())
     return path
 
@@ -102,7 +106,8 @@ def read_manifest(path: str | os.PathLike) -> list[Sample]:
                         f"{path}:{line}: split must be one of {', '.join(SPLITS)}, got {split!r}; fix the split column"
                     )
                 mask_s = row.get("mask", "")
-                sample = Sample(root / image, int(label), root / mask_s if mask_s else None, split)
+                sample = Sample(root / image, int(label), root / mask_s if mask_s else None, split,
+                                _read_mpp(path, line, row.get("mpp", "")))
                 for file in (sample.image, sample.mask):
                     if file is not None:
                         check_file_name(file)
@@ -120,6 +125,19 @@ def read_manifest(path: str | os.PathLike) -> list[Sample]:
         raise IkdmilError(f"{path}: manifest has no rows; add one line per image")
     _note_paths_outside(samples, path)
     return samples
+
+
+def _read_mpp(path: Path, line: int, text: str) -> float | None:
+    if not text:
+        return None
+    try:
+        mpp = float(text)
+    except ValueError:
+        mpp = -1.0
+    if not 0 < mpp < 1000:
+        raise IkdmilError(f"{path}:{line}: mpp must be the image's resolution in µm per pixel (e.g. 0.5), got "
+                          f"{text!r}; fix the mpp column or leave it empty")
+    return mpp
 
 
 def _outside(file: Path, root: Path) -> bool:
