@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from ikdmil.errors import IkdmilError
 from ikdmil.io import write_png
-from ikdmil.prepare.common import ResumableOutput, format_counts, natural_key, save_patch_image
+from ikdmil.prepare.common import ResumableOutput, files_by_stem, format_counts, natural_key, save_patch_image
 from ikdmil.slide.reader import open_slide, read_scaled
 from ikdmil.slide.tissue import TissueParams, slide_tissue
 
@@ -163,18 +163,6 @@ class _Slide:
     split: str = ""
 
 
-def _find(folder: Path, suffixes) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file() or p.name.startswith(".") or p.suffix.lower() not in suffixes:
-            continue
-        key = p.stem.lower()
-        if key in found:
-            raise IkdmilError(f"{p}: {p.stem} exists twice ({found[key]} and {p}); keep one")
-        found[key] = p
-    return found
-
-
 def _read_reference(path: Path) -> dict[str, bool]:
     out = {}
     try:
@@ -199,8 +187,8 @@ def _collect(slides_dir: Path, annos_dir: Path, opts: Camelyon16Options) -> tupl
     for folder, what in ((slides_dir, "slides"), (annos_dir, "annotations")):
         if not folder.is_dir():
             raise IkdmilError(f"{folder}: {what} folder not found; check the path")
-    files = _find(slides_dir, _SLIDE_SUFFIXES)
-    annos = _find(annos_dir, (".xml",))
+    files = files_by_stem(slides_dir, _SLIDE_SUFFIXES)
+    annos = files_by_stem(annos_dir, (".xml",))
     excluded = {n.lower() for n in opts.exclude}
     ref_path = Path(opts.reference) if opts.reference else None
     if ref_path is None:

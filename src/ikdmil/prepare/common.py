@@ -10,7 +10,9 @@ is refused (the outputs would mix). The manifest and the summary are written las
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import re
 from pathlib import Path
 
@@ -99,13 +101,54 @@ class ResumableOutput:
         order = {s: i for i, s in enumerate(SPLITS)}
         records = sorted(records, key=lambda r: (order[r["split"]], -r["label"], natural_key(r["image"])))
         samples = [Sample(self.out / r["image"], int(r["label"]), self.out / r["mask"] if r["mask"] else None,
-                          r["split"])
+                          r["split"], r.get("mpp"))
                    for r in records]
         manifest = write_manifest(samples, self.out / MANIFEST_NAME)
         summary = {"preparer": self.preparer, "settings": self.settings, **summary,
                    "counts": counts(records), "tumour_fraction_histogram": histogram(records)}
         write_text(self.out / self.summary_name, json.dumps(summary, indent=2) + "\n")
         return manifest
+
+
+def files_by_stem(folder: Path, suffixes) -> dict[str, Path]:
+    """Files of `folder` (any depth, not hidden) with one of `suffixes`, by lower-case stem; a stem found
+    twice is an error, since labels are matched to files by name."""
+    found: dict[str, Path] = {}
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or p.name.startswith(".") or p.suffix.lower() not in suffixes:
+            continue
+        key = p.stem.lower()
+        if key in found:
+            raise IkdmilError(f"{p}: {p.stem} exists twice ({found[key]} and {p}); keep one")
+        found[key] = p
+    return found
+
+
+def crop_positions(length: int, crop: int) -> list[int]:
+    """Crop origins covering [0, length): evenly spread, the last one flush with the end."""
+    if length <= crop:
+        return [0]
+    n = math.ceil(length / crop)
+    return [round(i * (length - crop) / (n - 1)) for i in range(n)]
+
+
+def split_by_class(items: list[tuple[str, bool]], val: float, test: float, seed: int) -> dict[str, str]:
+    """name -> split for (name, has_tumour) items: `val` / `test` of each class, drawn by `seed`; a class
+    of three or more gets at least one of each asked-for split."""
+    rng = random.Random(seed)
+    out = {}
+    for cls in (True, False):
+        names = sorted((n for n, t in items if t == cls), key=natural_key)
+        order = names[:]
+        rng.shuffle(order)
+        n_test = int(round(test * len(order)))
+        n_val = int(round(val * len(order)))
+        if len(order) >= 3:
+            n_test = max(n_test, 1) if test > 0 else 0
+            n_val = max(n_val, 1) if val > 0 else 0
+        for i, n in enumerate(order):
+            out[n] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    return out
 
 
 def _diff(old: dict, new: dict) -> str:

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +33,14 @@ from tqdm.auto import tqdm
 
 from ikdmil.errors import IkdmilError
 from ikdmil.io import open_image, read_rgb, write_png
-from ikdmil.prepare.common import ResumableOutput, format_counts, natural_key, save_patch_image
+from ikdmil.prepare.common import (
+    ResumableOutput,
+    crop_positions,
+    format_counts,
+    natural_key,
+    save_patch_image,
+    split_by_class,
+)
 from ikdmil.slide.tissue import TissueMap, TissueParams, detect_tissue, overview_downsample
 
 log = logging.getLogger(__name__)
@@ -121,31 +126,6 @@ def read_tumour_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     return arr >= 128
 
 
-def crop_positions(length: int, crop: int) -> list[int]:
-    """Crop origins covering [0, length): evenly spread, the last one flush with the end."""
-    if length <= crop:
-        return [0]
-    n = math.ceil(length / crop)
-    return [round(i * (length - crop) / (n - 1)) for i in range(n)]
-
-
-def _split_images(items: list[tuple[str, bool]], val: float, test: float, seed: int) -> dict[str, str]:
-    rng = random.Random(seed)
-    out = {}
-    for cls in (True, False):
-        names = sorted((n for n, t in items if t == cls), key=natural_key)
-        order = names[:]
-        rng.shuffle(order)
-        n_test = int(round(test * len(order)))
-        n_val = int(round(val * len(order)))
-        if len(order) >= 3:
-            n_test = max(n_test, 1) if test > 0 else 0
-            n_val = max(n_val, 1) if val > 0 else 0
-        for i, n in enumerate(order):
-            out[n] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
-    return out
-
-
 def _has_tumour(mask_path: Path | None) -> bool:
     if mask_path is None:
         return False
@@ -219,7 +199,7 @@ def prepare_digestpath(images_dir: str | os.PathLike, masks_dir: str | os.PathLi
             cached = {"tumour": _has_tumour(mask)}
             store.save("scan", name, cached)
         tumour[name] = cached["tumour"]
-    splits = _split_images([(n, tumour[n]) for n, _, _ in items], opts.val_fraction, opts.test_fraction, opts.seed)
+    splits = split_by_class([(n, tumour[n]) for n, _, _ in items], opts.val_fraction, opts.test_fraction, opts.seed)
     records: list[dict] = []
     for name, image, mask in tqdm(items, desc="DigestPath", unit="img", disable=not progress):
         done = store.done(name)

@@ -187,11 +187,9 @@ def write_geojson(path: str | os.PathLike, collection: dict) -> None:
     write_text(path, json.dumps(collection, ensure_ascii=False, separators=(",", ":")) + "\n")
 
 
-def read_polygons(path: str | os.PathLike) -> list:
-    """Polygons of a GeoJSON file (FeatureCollection, Feature, geometry, or a list of features)."""
-    import shapely
-    from shapely.geometry import shape
-
+def load_features(path: str | os.PathLike) -> list[tuple[dict, dict | None]]:
+    """(properties, geometry) of each item of a GeoJSON file: a FeatureCollection, a list of Features
+    (what QuPath's "Export objects as GeoJSON" writes either way), a Feature or a bare geometry."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -199,21 +197,49 @@ def read_polygons(path: str | os.PathLike) -> list:
         raise IkdmilError(f"{path}: not a readable GeoJSON file ({' '.join(str(exc).split())}); "
                           "export the annotations from QuPath as GeoJSON") from None
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        items = data.get("features") or []
+        items = data.get("features")
     elif isinstance(data, list):
         items = data
-    else:
+    elif isinstance(data, dict) and "type" in data:
         items = [data]
-    polys = []
+    else:
+        items = None
+    if not isinstance(items, list):
+        raise IkdmilError(f"{path}: not GeoJSON (expected a FeatureCollection or a list of Features); "
+                          "export the annotations from QuPath as GeoJSON")
+    out = []
     for item in items:
-        geom = item.get("geometry") if isinstance(item, dict) and item.get("type") == "Feature" else item
-        if not isinstance(geom, dict) or geom.get("type") not in ("Polygon", "MultiPolygon"):
+        if isinstance(item, dict) and item.get("type") == "Feature":
+            props = item.get("properties")
+            geom = item.get("geometry")
+            out.append((props if isinstance(props, dict) else {}, geom if isinstance(geom, dict) else None))
+        else:
+            out.append(({}, item if isinstance(item, dict) else None))
+    return out
+
+
+def to_shape(path: str | os.PathLike, geom: dict, where: str = ""):
+    """A valid shapely geometry from a GeoJSON geometry mapping; malformed coordinates are an error naming
+    `path` (and `where`, e.g. "feature 3")."""
+    import shapely
+    from shapely.geometry import shape
+
+    try:
+        return shapely.make_valid(shape(geom))
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, shapely.errors.ShapelyError) as exc:
+        place = f" ({where})" if where else ""
+        raise IkdmilError(f"{path}: malformed {geom.get('type', 'geometry')}{place} ({' '.join(str(exc).split())}); "
+                          "fix or re-export the file") from None
+
+
+def read_polygons(path: str | os.PathLike) -> list:
+    """Polygons of a GeoJSON file (FeatureCollection, Feature, geometry, or a list of features)."""
+    path = Path(path)
+    polys = []
+    for _, geom in load_features(path):
+        if geom is None or geom.get("type") not in ("Polygon", "MultiPolygon"):
             continue
-        try:
-            polys.extend(_polygons_only(shapely.make_valid(shape(geom))))
-        except (ValueError, TypeError, AttributeError, shapely.errors.ShapelyError) as exc:
-            raise IkdmilError(f"{path}: malformed polygon ({' '.join(str(exc).split())}); "
-                              "fix or re-export the file") from None
+        polys.extend(_polygons_only(to_shape(path, geom)))
     if not polys:
         raise IkdmilError(f"{path}: no Polygon or MultiPolygon geometries; draw the tissue as area annotations")
     return polys
