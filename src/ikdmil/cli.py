@@ -61,11 +61,13 @@ def cmd_prepare(args) -> int:
         manifest = prepare_glas(args.src, args.out, val_fraction=args.val_fraction, seed=args.seed,
                                 progress=_progress(args))
     elif args.extra is None:
-        what = "ANNOTATIONS_DIR" if args.dataset == "camelyon16" else "MASKS_DIR"
-        raise IkdmilError(f"prepare {args.dataset}: give SLIDES/IMAGES_DIR {what} OUT (three folders)")
+        what = {"camelyon16": "SLIDES_DIR ANNOTATIONS_DIR", "digestpath": "IMAGES_DIR MASKS_DIR",
+                "regions": "SLIDES LABELS"}[args.dataset]
+        raise IkdmilError(f"prepare {args.dataset}: give {what} OUT (three paths)")
     else:
         check_output_folder(args.extra, "OUT")
-        prepare = _prepare_camelyon16 if args.dataset == "camelyon16" else _prepare_digestpath
+        prepare = {"camelyon16": _prepare_camelyon16, "digestpath": _prepare_digestpath,
+                   "regions": _prepare_regions}[args.dataset]
         manifest = prepare(args)
     print(f"wrote {manifest}")
     return 0
@@ -101,6 +103,20 @@ def _prepare_digestpath(args) -> Path:
         test_fraction=args.test_fraction, seed=args.seed, mpp=args.mpp or 0.5,
         image_format=args.image_format, tissue=_tissue_params(args))
     return prepare_digestpath(args.src, args.out, args.extra, opts, progress=_progress(args))
+
+
+#: RegionsOptions fields that come from the options every slide preparer shares
+REGIONS_SHARED = ("mpp", "patch_size", "max_background", "val_fraction", "test_fraction", "seed", "image_format",
+                  "tissue")
+
+
+def _prepare_regions(args) -> Path:
+    from ikdmil.prepare.regions import RegionsOptions, prepare_regions
+
+    shared = {name: getattr(args, name) for name in REGIONS_SHARED if name != "tissue"}
+    opts = settings_from_args(RegionsOptions, args, dest_prefix="regions.", skip=REGIONS_SHARED,
+                              tissue=_tissue_params(args), **shared)
+    return prepare_regions(args.src, args.out, args.extra, opts, progress=_progress(args))
 
 
 def cmd_predict(args) -> int:
@@ -322,12 +338,17 @@ def add_synth(sub, common) -> None:
 
 PREPARE_USAGE = ("ikdmil prepare glas SRC OUT [options]\n"
                  "       ikdmil prepare camelyon16 SLIDES_DIR ANNOTATIONS_DIR OUT [options]\n"
-                 "       ikdmil prepare digestpath IMAGES_DIR MASKS_DIR OUT [options]")
+                 "       ikdmil prepare digestpath IMAGES_DIR MASKS_DIR OUT [options]\n"
+                 "       ikdmil prepare regions SLIDES LABELS OUT [options]")
 PREPARE_DESCRIPTION = (
     "glas: official release or images/labels/index.csv. camelyon16: slides (tumor_*, normal_*, test_*) + ASAP XML "
     "annotations -> patches at level 1 (20x) with masks, positives from tumour slides and as many negatives from "
     "normal slides. digestpath: large images + *_mask images -> 1536 px crops, positive when the crop's mask has "
-    "tumour. All write OUT/manifest.csv, OUT/{split}/{pos,neg,masks}/ and a summary JSON; camelyon16/digestpath "
+    "tumour. regions: slides + regions drawn in QuPath (GeoJSON exports, one per slide or a folder of them) or a "
+    "CSV slide,x,y,w,h,label -> images at --mpp labelled by their region (Tumor=1, Normal=0; --classes maps other "
+    "names); a Tumor region longer than --max-size is tiled and a tile is positive only when --min-tumour-overlap of "
+    "it lies inside the outline. All write OUT/manifest.csv, OUT/{split}/{pos,neg,masks}/ and a summary JSON; "
+    "camelyon16/digestpath/regions "
     "resume where they stopped when run again with the same options.")
 
 
@@ -336,17 +357,24 @@ def add_prepare(sub, common) -> None:
 
     pr = sub.add_parser("prepare", parents=[common], formatter_class=HelpFormatter, usage=PREPARE_USAGE,
                         help="convert a public dataset into ikdmil's layout", description=PREPARE_DESCRIPTION)
-    pr.add_argument("dataset", choices=["glas", "camelyon16", "digestpath"], help="dataset kind")
-    pr.add_argument("src", help="GlaS folder | Camelyon16 slides folder | DigestPath images folder")
-    pr.add_argument("out", help="output folder (glas) | annotations folder (camelyon16) | masks folder (digestpath)")
-    pr.add_argument("extra", nargs="?", default=None, help="output folder (camelyon16, digestpath)")
+    pr.add_argument("dataset", choices=["glas", "camelyon16", "digestpath", "regions"], help="dataset kind")
+    pr.add_argument("src", help="GlaS folder | Camelyon16 slides folder | DigestPath images folder | "
+                                "regions: slides folder (or one slide)")
+    pr.add_argument("out", help="output folder (glas) | annotations folder (camelyon16) | masks folder (digestpath) | "
+                                "regions: labels (QuPath .geojson file or folder, or a .csv)")
+    pr.add_argument("extra", nargs="?", default=None, help="output folder (camelyon16, digestpath, regions)")
     fraction = number(float, min=0, below=1)
     pr.add_argument("--val-fraction", type=fraction, default=0.2,
                     help="share of train for validation: by patient (glas), by slide (camelyon16), "
-                         "by image (digestpath)")
-    pr.add_argument("--test-fraction", type=fraction, default=0.2, help="digestpath: share of images for test")
+                         "by image (digestpath); regions: share of slides")
+    pr.add_argument("--test-fraction", type=fraction, default=0.2,
+                    help="digestpath: share of images for test; regions: share of slides")
     pr.add_argument("--seed", type=number(int, min=0), default=0)
-    _add_slide_dataset_options(pr.add_argument_group("camelyon16 / digestpath"))
+    _add_slide_dataset_options(pr.add_argument_group("camelyon16 / digestpath / regions"))
+    from ikdmil.prepare.regions import RegionsOptions
+
+    add_settings_options(pr.add_argument_group("regions (labels drawn in QuPath)"), RegionsOptions,
+                         skip=REGIONS_SHARED, dest_prefix="regions.")
     group = pr.add_argument_group("tissue detection (saturation threshold + morphology on an overview)")
     add_settings_options(group, TissueParams, dest_prefix="tissue.", flag_prefix="tissue-")
     pr.set_defaults(func=cmd_prepare)
@@ -355,14 +383,16 @@ def add_prepare(sub, common) -> None:
 def _add_slide_dataset_options(g) -> None:
     share = number(float, min=0, max=1)
     g.add_argument("--patch-size", type=number(int, min=16), default=None,
-                   help="patch side in px (camelyon16: 1280, digestpath: 1536)")
+                   help="patch side in px (camelyon16: 1280, digestpath: 1536, regions: 512, the tile side at "
+                        "--mpp when a region is tiled)")
     g.add_argument("--level", type=number(int, min=0), default=1,
                    help="camelyon16: pyramid level to cut patches at (1 = 20x)")
     g.add_argument("--mpp", type=number(float, above=0), default=None,
                    help="camelyon16: cut patches at this µm/px instead of --level (read from the nearest finer level "
-                        "and downsampled); digestpath: the images' resolution for tissue detection (default 0.5)")
+                        "and downsampled); digestpath: the images' resolution for tissue detection (default 0.5); "
+                        "regions: the µm/px of the images written (default 0.5)")
     g.add_argument("--max-background", type=share, default=None,
-                   help="drop patches with more background than this (0.8)")
+                   help="drop patches with more background than this (0.8; regions too)")
     g.add_argument("--test-max-background", type=share, default=0.9,
                    help="camelyon16: the same rule for test-split positives (the paper's 90 %% rule)")
     g.add_argument("--min-tumour-fraction", type=number(float, min=0, below=1), default=0.0,
@@ -377,7 +407,8 @@ def _add_slide_dataset_options(g) -> None:
     g.add_argument("--reference", default=None,
                    help="camelyon16: test reference CSV (default: a reference.csv found under the two folders; "
                         "without one a test slide is tumour when it has an annotation)")
-    g.add_argument("--image-format", choices=["png", "jpg"], default="png", help="patch image format (masks: PNG)")
+    g.add_argument("--image-format", choices=["png", "jpg"], default="png",
+                   help="patch image format (masks: PNG; regions too)")
 
 
 TRAINING_COMMANDS = (

@@ -31,7 +31,8 @@ def natural_key(text: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """`name` with anything but letters, digits and ._- replaced: usable in a file name on any system."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
@@ -71,7 +72,7 @@ class ResumableOutput:
         write_text(settings_file, json.dumps({"preparer": preparer, "settings": self.settings}, indent=2) + "\n")
 
     def cache_path(self, kind: str, unit: str) -> Path:
-        return self.state / kind / f"{_safe(unit)}.json"
+        return self.state / kind / f"{safe_name(unit)}.json"
 
     def load(self, kind: str, unit: str):
         path = self.cache_path(kind, unit)
