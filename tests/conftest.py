@@ -45,3 +45,17 @@ def _tiny_config(data: Path, out: Path, **overrides):
 def tiny_config():
     """A factory `tiny_config(data, out, **overrides)` for RunConfigs small enough for a test."""
     return _tiny_config
+
+
+@pytest.fixture
+def tiny_backbone(monkeypatch) -> str:
+    """Registers backbone "tiny" (tests/fakes/models.py) for the test only; returns its name. VGG16 at 32 px
+    costs about 0.4 s a step on the loaded 2-core CI machine, this one a few ms; every method is also trained
+    on vgg16 by the registry-parametrised tests/engine/test_methods.py."""
+    from fakes.models import TinyNet
+
+    from ikdmil.models import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register_backbone("tiny")(lambda pretrained=None: (TinyNet(), "random init (tiny test backbone)"))
+    return "tiny"

@@ -16,6 +16,7 @@ from ikdmil.config import DemoSettings, EvaluateSettings, RunConfig
 from ikdmil.errors import IkdmilError
 from ikdmil.inference import PredictSettings
 from ikdmil.options import Parser, TerminalHandler, add_settings_options, given_values, settings_from_args
+from ikdmil.prepare.regions import RegionsOptions
 from ikdmil.slide.tissue import TissueParams
 from ikdmil.typed_settings import option_flag
 
@@ -31,7 +32,7 @@ def subcommand_help(command: str, capsys) -> str:
 SETTINGS = [("train", RunConfig, ("data", "out")), ("run", RunConfig, ("data", "out")),
             ("distill", RunConfig, ("data", "out")), ("demo", RunConfig, ("data", "out", "cache_dir")),
             ("demo", DemoSettings, ()), ("evaluate", EvaluateSettings, ()), ("predict", PredictSettings, ("tissue",)),
-            ("predict", TissueParams, ()), ("prepare", TissueParams, ())]
+            ("predict", TissueParams, ()), ("prepare", TissueParams, ()), ("prepare", RegionsOptions, ("tissue",))]
 
 
 @pytest.mark.parametrize("command, cls, skip", SETTINGS, ids=[f"{c}-{k.__name__}" for c, k, _ in SETTINGS])
