@@ -247,3 +247,14 @@ def test_bad_normal_slides_and_resolution_and_options(fake, tmp_path, capsys):
     assert "bare.tif: no resolution" in err and "--slide-mpp" in err
     assert _run(bare, bare_labels, tmp_path / "o", "--slide-mpp", "1") == 0
     assert {s.mpp for s in load_samples(tmp_path / "o")} == {2.0}
+
+
+def test_regions_that_give_no_image_and_upsampling_are_warned_about(fake, tmp_path, capsys):
+    labels = write_qupath_geojson(tmp_path / "t1.geojson", [qupath_feature(TUMOUR_BOX, "Tumor"),
+                                                             qupath_feature((4, 4, 10, 10), "Normal")])
+    assert _run(fake, labels, tmp_path / "o") == 0
+    err = capsys.readouterr().err
+    assert "1 region(s) gave no image at all" in err and "1 (too small)" in err and "upsampled" not in err
+    assert main(["prepare", "regions", str(fake["slides"]), str(labels), str(tmp_path / "o2"), "--mpp", "0.5",
+                 "--patch-size", "32", "--max-size", "256", "--quiet"]) == 0
+    assert "t1.tif: scanned at 1 µm/px, coarser than --mpp 0.5: its images are upsampled" in capsys.readouterr().err

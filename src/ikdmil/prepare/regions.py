@@ -33,7 +33,8 @@ but "tumour in here" does not hold for every part of a Tumor region.
 
 Negatives from whole slides: `normal_slides` names slides without tumour (one name per line, or a CSV
 with a ``slide`` column); their tissue is tiled on a `patch_size` grid and up to
-`max_tiles_per_slide` tiles per slide are drawn by `seed`.
+`max_tiles_per_slide` tiles per slide are drawn by `seed` (Normal regions drawn on such a slide add
+nothing: the whole slide is tiled).
 
 Resolution: images are written at `mpp` µm/px (default 0.5, 20x), read from the nearest finer pyramid
 level and downsampled (`read_scaled`); the slide's µm/px is its metadata's, or `slide_mpp`. The
@@ -406,6 +407,9 @@ def _inspect(s: _Slide, opts: RegionsOptions) -> None:
             raise IkdmilError(f"{s.path}: no resolution (µm/px) in the slide's metadata; pass --slide-mpp "
                               "(µm per level-0 pixel, e.g. 0.25 for a 40x scan, 0.5 for 20x)")
         s.dims, s.mpp, s.mpp_source = slide.dimensions, slide.mpp, slide.mpp_source
+    if opts.mpp < min(s.mpp) * 0.99:
+        log.warning("%s: scanned at %.3g µm/px, coarser than --mpp %g: its images are upsampled (blurred); "
+                    "give a --mpp of at least the slides' own", s.path, min(s.mpp), opts.mpp)
     _check_inside(s.regions, s.dims, s.path)
     if s.normal and s.tumour:
         raise IkdmilError(f"{opts.normal_slides}: lists {s.key} as normal, but its labels have Tumor regions "
@@ -506,12 +510,15 @@ def _plan_slide(s: _Slide, tissue, opts: RegionsOptions, stats: Counter) -> list
     tumour = shapely.unary_union(tumours) if tumours else None
     kept = []
     for r in s.regions:
+        before = len(kept)
         for p in plan_region(r, ds, opts, tumour, stats):
             p.background = round(1.0 - tissue.fraction(*p.box), 4)
             if p.background > opts.max_background:
                 stats["background"] += 1
                 continue
             kept.append(p)
+        if len(kept) == before:
+            stats["regions_without_images"] += 1
     return kept
 
 
@@ -570,7 +577,12 @@ def _warn(stats: Counter, records: list[dict], opts: RegionsOptions) -> None:
                     stats["normal_tiles_touching_tumour"])
     dropped = {k: stats[k] for k in ("background", "too_small", "normal_tiles_outside_outline") if stats[k]}
     if dropped:
-        log.info("regions: dropped %s", ", ".join(f"{v} ({k.replace('_', ' ')})" for k, v in dropped.items()))
+        text = ", ".join(f"{v} ({k.replace('_', ' ')})" for k, v in dropped.items())
+        if stats["regions_without_images"]:
+            log.warning("%d region(s) gave no image at all; images dropped: %s (see --min-size, --max-background, "
+                        "--normal-min-inside)", stats["regions_without_images"], text)
+        else:
+            log.info("regions: images dropped: %s", text)
 
 
 def _summary(slides: list[_Slide], records: list[dict], stats: Counter, opts: RegionsOptions, slides_dir: Path,
