@@ -23,7 +23,8 @@ from shapely.geometry import Polygon, box
 
 from ikdmil.cli import main
 from ikdmil.data.manifest import load_samples
-from ikdmil.prepare.regions import Region, RegionsOptions, plan_region
+from ikdmil.prepare.region_labels import Region
+from ikdmil.prepare.regions import RegionsOptions, plan_region
 
 # slides are 1 µm/px: at --mpp 2 a slide is 256 x 192 px, TUMOUR_BOX 40 x 30 (whole), LARGE_TUMOUR_BOX 80 x 48
 # (longer than --max-size 64: 3 x 2 tiles of 32), NORMAL_BOX 64 x 64 (2 x 2 tiles)
