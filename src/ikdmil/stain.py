@@ -56,6 +56,10 @@ class StainStats:
                 "images": self.images, "pixels": self.pixels}
 
 
+def _floats(values) -> tuple[float, float, float]:
+    return tuple(float(v) for v in values)
+
+
 def _rounded(values) -> list[float]:
     return [round(float(v), 6) for v in values]
 
@@ -94,7 +98,7 @@ def training_stats(images: np.ndarray, max_images: int = MAX_IMAGES) -> StainSta
         return None
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
-    return StainStats(tuple(mean), tuple(std), tuple(np.std(means, axis=0)), len(means), count)
+    return StainStats(_floats(mean), _floats(std), _floats(np.std(means, axis=0)), len(means), count)
 
 
 def slide_stats(rgb: np.ndarray, mask: np.ndarray | None) -> StainStats | None:
@@ -102,7 +106,7 @@ def slide_stats(rgb: np.ndarray, mask: np.ndarray | None) -> StainStats | None:
     hed = tissue_hed(rgb, mask)
     if len(hed) == 0:
         return None
-    return StainStats(tuple(hed.mean(0)), tuple(hed.std(0)), (0.0, 0.0, 0.0), 1, len(hed))
+    return StainStats(_floats(hed.mean(0)), _floats(hed.std(0)), (0.0, 0.0, 0.0), 1, len(hed))
 
 
 def from_meta(meta: dict, path: str | Path) -> StainStats | None:
