@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 from fakes.models import TinyNet
-from fakes.slides import stain_shifted
 from PIL import Image
 
 from ikdmil.cli import main
@@ -11,7 +10,7 @@ from ikdmil.errors import IkdmilError
 from ikdmil.models import registry
 from ikdmil.models.checkpoint import read_model_meta
 from ikdmil.prepare.synth import synth_image
-from ikdmil.stain import from_meta, slide_stats, stain_distance, tissue_hed, training_stats
+from ikdmil.stain import from_meta, scale_stains, slide_stats, stain_distance, tissue_hed, training_stats
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def test_statistics_are_those_of_the_tissue_pixels_and_glass_is_left_out(images)
 def test_the_distance_is_zero_for_the_training_data_and_grows_with_a_stain_shift(images):
     ref = training_stats(images)
     assert max(stain_distance(ref, ref)) == 0
-    z = [stain_distance(slide_stats(stain_shifted(images[0], h), None), ref)[0] for h in (1.0, 2.0, 3.0)]
+    z = [stain_distance(slide_stats(scale_stains(images[0], h), None), ref)[0] for h in (1.0, 2.0, 3.0)]
     assert z[0] < z[1] < z[2]
 
 

@@ -18,7 +18,8 @@ average stain lies beyond three training-image standard deviations). At predict 
 taken on its thumbnail, which averages fine texture: that lowers the mean H by about a tenth at 8x
 coarser than the training images (synthetic tissue), 0.3 of a typical spread, well inside the threshold.
 
-A later stain normalisation (Reinhard, Macenko) can keep its reference next to these fields.
+`scale_stains` changes the staining of an image (tests, `benchmarks/stain.py`). A later stain
+normalisation (Reinhard, Macenko) can keep its reference next to these fields.
 """
 
 from __future__ import annotations
@@ -62,6 +63,16 @@ def _floats(values) -> tuple[float, float, float]:
 
 def _rounded(values) -> list[float]:
     return [round(float(v), 6) for v in values]
+
+
+def scale_stains(rgb: np.ndarray, haematoxylin: float = 1.0, eosin: float = 1.0) -> np.ndarray:
+    """uint8 RGB with the haematoxylin and eosin concentrations scaled (another lab's staining; glass stays)."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    hed = rgb2hed(rgb)
+    hed[..., 0] *= haematoxylin
+    hed[..., 1] *= eosin
+    return (np.clip(hed2rgb(hed), 0, 1) * 255).round().astype(np.uint8)
 
 
 def tissue_hed(rgb: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:

@@ -9,7 +9,6 @@
 - `make_fake_camelyon16`, `make_fake_digestpath`: whole source folders for the preparers;
 - `dark_detector_model`: a model file whose "backbone" marks dark (tumour-purple) pixels as tumour,
   so end-to-end tests know where the prediction must land (`weight=float("nan")`: a diverged model);
-- `stain_shifted`: an H&E image with its haematoxylin / eosin scaled (another lab's staining);
 - `png_header`: a PNG of a few bytes whose header claims any size (a decompression bomb), with or
   without (truncated) pixel data.
 """
@@ -75,16 +74,6 @@ def painted_slide(rng: np.random.Generator, size: tuple[int, int], tissue: list[
         img[y:y + rh, x:x + rw] = np.clip(np.array(PURPLE) + rng.normal(0, 6, (rh, rw, 3)), 0, 255)
         mask[y:y + rh, x:x + rw] = True
     return img, mask
-
-
-def stain_shifted(img: np.ndarray, haematoxylin: float = 1.0, eosin: float = 1.0) -> np.ndarray:
-    """`img` with its haematoxylin and eosin concentrations (skimage's colour deconvolution) scaled; glass stays."""
-    from skimage.color import hed2rgb, rgb2hed
-
-    hed = rgb2hed(img)
-    hed[..., 0] *= haematoxylin
-    hed[..., 1] *= eosin
-    return (np.clip(hed2rgb(hed), 0, 1) * 255).round().astype(np.uint8)
 
 
 def write_asap_xml(path, polygons: list[list[tuple[float, float]]], groups: list[str] | None = None) -> Path:

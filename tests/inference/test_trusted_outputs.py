@@ -13,7 +13,6 @@ from fakes.slides import (
     WHITE,
     dark_backbone,
     dark_detector_model,
-    stain_shifted,
     synth_slide,
     write_slide,
 )
@@ -25,7 +24,7 @@ from ikdmil.errors import IkdmilError
 from ikdmil.inference import PredictSettings, predict
 from ikdmil.prepare.synth import synth_image
 from ikdmil.slide import reader
-from ikdmil.stain import training_stats
+from ikdmil.stain import scale_stains, training_stats
 from ikdmil.visualize import PRED_COLOUR, TISSUE_COLOUR
 
 QUIET = {"progress": False, "echo": lambda *a: None}
@@ -125,7 +124,7 @@ def stain_slides(tmp_path_factory):
     root = tmp_path_factory.mktemp("stain")
     img, _ = synth_slide(np.random.default_rng(1), 4, 4, 64, tumour={(1, 1)}, glass={(0, 0)})
     return {"same": write_slide(root / "same.tif", img, mpp=0.5, levels=2),
-            "shifted": write_slide(root / "shifted.tif", stain_shifted(img, haematoxylin=2.5), mpp=0.5, levels=2)}
+            "shifted": write_slide(root / "shifted.tif", scale_stains(img, haematoxylin=2.5), mpp=0.5, levels=2)}
 
 
 def test_the_stain_warning_fires_on_a_shifted_stain_only(models, stain_slides, tmp_path):
