@@ -154,21 +154,23 @@ def test_damaged_stain_statistics_stop_predict_with_one_line(models, stain_slide
     assert len(err.splitlines()) == 1 and "damaged stain statistics" in err
 
 
-def test_the_report_lists_every_slide_with_its_warnings_overlay_and_outputs(models, tmp_path):
+def test_the_report_lists_every_slide_with_its_warnings_overlay_and_outputs(models, tmp_path, capsys):
     slides = tmp_path / "slides"
     write_slide(slides / "a_tumour.tif", flat_image(512, (50, 50, 460, 460), (50, 50, 460, 460)), mpp=0.5, levels=2)
     write_slide(slides / "b_normal.tif", flat_image(512, (50, 50, 460, 460), (100, 100, 200, 200)), mpp=0.5,
                 levels=2)
     (slides / "c_broken.tif").write_bytes(b"not a slide" * 50)
-    rep = predict(models["normal"], [slides], tmp_path / "o", PredictSettings(workers=0), **QUIET)
-    assert len(rep.failures) == 1
+    assert main(["predict", str(models["normal"]), str(slides), "--out", str(tmp_path / "o"), "--workers", "0",
+                 "--quiet"]) == 1  # c_broken failed
+    out = capsys.readouterr().out
+    assert f"1 slides with warnings; overview: {tmp_path / 'o' / 'report.html'}" in out
     page = (tmp_path / "o" / "report.html").read_text()
     assert "<script" not in page and "http" not in page.replace("http-equiv", "")  # nothing fetched
     rows = re.findall(r"<tr><td><a href=\"([^\"]+)\"><img src=\"([^\"]+)\".*?</tr>", page)
     assert [href for href, _ in rows] == ["a_tumour/overlay.png", "b_normal/overlay.png"]
     for href, src in rows:
         assert href == src and (tmp_path / "o" / src).is_file()
-    by_slide = {s["slide"]: s for s in rep.slides}
+    by_slide = {s["slide"]: s for s in (json.loads(p.read_text()) for p in (tmp_path / "o").glob("*/summary.json"))}
     warning = by_slide["a_tumour.tif"]["warnings"][0]
     assert html.escape(warning) in page and by_slide["b_normal.tif"]["warnings"] == []
     assert "c_broken.tif" in page and "1 failed" in page and "2 slides, 1 with warnings" in page
