@@ -128,8 +128,10 @@ def cmd_predict(args) -> int:
     report = predict(args.model, args.inputs, args.out, settings, progress=_progress(args))
     done = sum(1 for s in report.slides if s.get("status") == "done")
     skipped = sum(1 for s in report.slides if s.get("status") == "skipped")
+    warned = sum(1 for s in report.slides if s.get("warnings"))
     print(f"{done} slides segmented, {skipped} already done, {len(report.patches)} patch images; "
-          f"outputs and {report.config_path.name} in {args.out}")
+          f"outputs and {report.config_path.name} in {args.out}; {warned} slides with warnings; overview: "
+          f"{Path(args.out) / 'report.html'}")
     if report.failures:
         for _, message in report.failures:
             print("ikdmil: error: " + message, file=sys.stderr)

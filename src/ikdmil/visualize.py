@@ -1,4 +1,5 @@
-"""Overlay images: prediction outline (and truth outline when known) drawn on the H&E image."""
+"""Overlay images: prediction outline (and truth outline when known) drawn on the H&E image; slide
+overlays with the tissue and tumour outlines as anti-aliased lines and a legend."""
 
 from __future__ import annotations
 
@@ -7,6 +8,15 @@ from scipy import ndimage
 
 PRED_COLOUR = (0, 220, 0)  # green: predicted tumour
 TRUTH_COLOUR = (30, 90, 255)  # blue: annotated tumour
+TISSUE_COLOUR = (0, 170, 255)  # light blue: detected (or given) tissue on slide overlays
+
+
+def hex_colour(rgb: tuple[int, int, int]) -> str:
+    return "#" + "".join(f"{c:02x}" for c in rgb)
+
+
+#: what the colours of a slide's overlay.png mean (written into its summary.json and the report)
+SLIDE_OVERLAY_LEGEND = {"tissue outline": hex_colour(TISSUE_COLOUR), "tumour outline and tint": hex_colour(PRED_COLOUR)}
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -41,3 +51,64 @@ def side_by_side(*images: np.ndarray, gap: int = 4) -> np.ndarray:
             parts.append(np.full((h, gap, 3), 255, np.uint8))
         parts.append(im)
     return np.concatenate(parts, axis=1)
+
+
+def contour_lines(mask: np.ndarray, scale: tuple[float, float] = (1.0, 1.0)) -> list[np.ndarray]:
+    """Outlines of a bool mask as (N, 2) arrays of (x, y) on a grid `scale` (x, y) times coarser than the mask's.
+
+    Cell centres map onto cell centres (``x' = (x + 0.5) / scale - 0.5``); the mask is padded, so regions
+    touching its border are closed too.
+    """
+    from skimage.measure import find_contours
+
+    if not mask.any():
+        return []
+    lines = []
+    for rc in find_contours(np.pad(mask, 1).astype(np.float32), 0.5):
+        xy = rc[:, ::-1] - 1.0
+        lines.append((xy + 0.5) / np.asarray(scale, np.float64) - 0.5)
+    return lines
+
+
+def draw_lines(image: np.ndarray, lines: list[np.ndarray], colour: tuple[int, int, int], width: int) -> np.ndarray:
+    """uint8 RGB copy of `image` with each polyline drawn in `colour`, `width` px wide."""
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(image)
+    draw = ImageDraw.Draw(img)
+    for xy in lines:
+        if len(xy) >= 2:
+            draw.line([tuple(p) for p in xy.tolist()], fill=tuple(colour), width=width, joint="curve")
+    return np.asarray(img).copy()
+
+
+def draw_legend(image: np.ndarray, items: list[tuple[str, tuple[int, int, int]]]) -> np.ndarray:
+    """uint8 RGB copy of `image` with a small white box in the top-left corner: a coloured bar per label."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.fromarray(image)
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    row = 16
+    width = 30 + max(int(draw.textlength(text, font=font)) for text, _ in items)
+    draw.rectangle([2, 2, 8 + width, 6 + row * len(items)], fill=(255, 255, 255), outline=(120, 120, 120))
+    for i, (text, colour) in enumerate(items):
+        y = 6 + i * row
+        draw.rectangle([8, y + 4, 28, y + 8], fill=tuple(colour))
+        draw.text((34, y), text, fill=(0, 0, 0), font=font)
+    return np.asarray(img).copy()
+
+
+def slide_overlay(thumb: np.ndarray, tumour: np.ndarray, tissue_lines: list[np.ndarray],
+                  tumour_lines: list[np.ndarray], alpha: float = 0.25) -> np.ndarray:
+    """A slide thumbnail with the tumour tinted, the tissue outline (blue) and the tumour outline (green)
+    drawn over it, and a legend saying which is which."""
+    out = thumb.astype(np.float32)
+    out[tumour] = (1 - alpha) * out[tumour] + alpha * np.array(PRED_COLOUR, np.float32)
+    out = out.clip(0, 255).astype(np.uint8)
+    width = max(2, round(max(thumb.shape[:2]) / 700))
+    out = draw_lines(out, tissue_lines, TISSUE_COLOUR, width)
+    out = draw_lines(out, tumour_lines, PRED_COLOUR, width)
+    if min(thumb.shape[:2]) >= 64:  # no room for a legend on a tiny image
+        out = draw_legend(out, [("tissue outline", TISSUE_COLOUR), ("tumour outline", PRED_COLOUR)])
+    return out

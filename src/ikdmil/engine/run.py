@@ -39,6 +39,7 @@ from ikdmil.io import remove_stale_temps, write_text
 from ikdmil.losses import mil_loss
 from ikdmil.models import MILOutput, MILSegmenter, create_model
 from ikdmil.models.checkpoint import load_model, save_model
+from ikdmil.stain import training_stats
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,19 @@ class TrainingRun:
             if self.cfg.model_mpp > 0:  # lets `predict` read slides at the training resolution
                 meta.setdefault("mpp", self.cfg.model_mpp)
             meta.setdefault("method", self.cfg.method)
+            stain = self.stain_meta()
+            if stain is not None:  # lets `predict` warn about slides stained unlike the training data
+                meta.setdefault("stain", stain)
             save_model(model, self.run_dir / name, input_size=self.cfg.input_size, **meta)
+
+    def stain_meta(self) -> dict | None:
+        """The training images' stain statistics for the model file (`ikdmil.stain`), measured once per run."""
+        if not hasattr(self, "_stain_meta"):
+            stats = training_stats(self.train_arrays.images)
+            self._stain_meta = None if stats is None else stats.to_meta()
+            if stats is None:
+                logger.debug("too few training images with tissue for stain statistics; the model file gets none")
+        return self._stain_meta
 
     def val_score(self, model: MILSegmenter) -> float:
         """Validation F1 (all patches), or minus the MIL loss when validation masks are missing.

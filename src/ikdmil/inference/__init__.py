@@ -2,8 +2,9 @@
 
 Modules: `settings` (every option), `tiling` (geometry, blending window, band stitcher, tile
 dataset), `model` (loading, the eval-mode forward pass, smoothing), `slide` (one slide's outputs),
-`outputs` (what predict owns in OUT: folder markers, the lock, the merged index files),
-`predict` (the batch driver, patch images, the report).
+`sanity` (per-slide warnings: tumour everywhere, stain far from training), `outputs` (what predict
+owns in OUT: folder markers, the lock, the merged index files), `report` (OUT/report.html),
+`predict` (the batch driver, patch images, the PredictReport).
 """
 
 from ikdmil.inference.model import LoadedModel, fused_forward, gaussian_smooth, load_for_inference

@@ -29,6 +29,7 @@ from torch import nn
 from ikdmil.device import autocast
 from ikdmil.errors import IkdmilError
 from ikdmil.inference.settings import DEFAULT_MODEL_MPP, MAX_SLIDE_MPP, PredictSettings
+from ikdmil.stain import StainStats, from_meta
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class LoadedModel:
     batch_size: int
     reach: int | None = None  # model px an output depends on around it (tile-invariant backbones only)
     net_stride: int = 1  # the backbone's coarsest output stride (tile origins are aligned to it)
+    stain: StainStats | None = None  # the training data's stain statistics (None: the file has none)
 
     def fused(self, x: torch.Tensor) -> torch.Tensor:
         """(B,H,W) float32 fused probability on the device for a uint8 (B,3,H,W) batch.
@@ -104,7 +106,8 @@ def load_for_inference(path: str | os.PathLike, settings: PredictSettings) -> Lo
     else:
         input_size = _meta_number(path, meta, "input_size", int, "--tile-size", "a size in px of at least 16",
                                   lambda v: v >= 16, default=256)
-    lm = LoadedModel(model, meta, Path(path), device, input_size, mpp, source, settings.amp, batch)
+    lm = LoadedModel(model, meta, Path(path), device, input_size, mpp, source, settings.amp, batch,
+                     stain=from_meta(meta, path))
     if settings.tile_size is None and settings.overlap is None:
         lm.reach, lm.net_stride = _reach_of(model, meta)
     logger.debug("model %s on %s: %s µm/px (%s), batch %d, reach %s px", path, device, mpp, source, batch, lm.reach)

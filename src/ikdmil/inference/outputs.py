@@ -20,8 +20,10 @@ not supported):
 - ``predict_summary.json``: **merged**. ``slides`` has one entry per marked slide folder in OUT
   (rebuilt from the folders on disk and their ``summary.json``; ``status`` and ``config`` are those
   of the latest run that touched the slide, ``"done"`` for folders no index mentioned, e.g. after a
-  kill); ``failures`` keeps the latest failed attempt per input until a later run succeeds on that
-  input; ``patches`` counts the entries of ``patches.json``.
+  kill) with its sanity ``warnings``; ``failures`` keeps the latest failed attempt per input until a
+  later run succeeds on that input; ``patches`` counts the entries of ``patches.json``.
+- ``report.html``: **rebuilt** from ``predict_summary.json`` and the slide folders after every run
+  (`ikdmil.inference.report`).
 - ``patches.json``: **merged**. One entry per patch image name (the NAME of ``masks/NAME.png``); a
   later run's entry replaces an earlier one of the same name; entries whose mask is gone are
   dropped. Every entry records the ``threshold`` and the ``config`` file of the run that made it.
@@ -212,7 +214,8 @@ def _dumps(doc: dict) -> str:
     return json.dumps(doc, indent=2, allow_nan=False) + "\n"
 
 
-SLIDE_KEYS = ("slide", "status", "tiles", "tumour_area_mm2", "tumour_fraction_of_tissue", "polygons", "seconds")
+SLIDE_KEYS = ("slide", "status", "tiles", "tumour_area_mm2", "tumour_fraction_of_tissue", "polygons", "seconds",
+              "warnings")
 
 
 def merge_indexes(out: Path, slides: list[dict], patches: list[dict], failures: list[tuple[str, str]],

@@ -11,7 +11,8 @@ and plain images larger than `PredictSettings.patch_max`) or a *patch* (smaller 
   OUT/patches.json lists each image's tumour fraction.
 
 OUT/predict_config.yaml records the model, inputs and settings; OUT/predict_summary.json lists
-every slide, the number of patches and every failure. Several runs into one OUT add to these files
+every slide (with its warnings), the number of patches and every failure; OUT/report.html shows them on
+one page with each slide's overlay (`ikdmil.inference.report`). Several runs into one OUT add to these files
 (merged under a lock; a run with other settings gets predict_config-2.yaml, ...), and predict never
 replaces or writes into a folder it did not write: see `ikdmil.inference.outputs` for the rules per
 file. The index files are written even when a run is interrupted, listing what it finished.
@@ -39,6 +40,7 @@ from ikdmil import __version__
 from ikdmil.errors import IkdmilError
 from ikdmil.inference.model import LoadedModel, gaussian_smooth, load_for_inference
 from ikdmil.inference.outputs import CONFIG_NAME, PATCH_FOLDERS, merge_indexes, record_config, take_patch_folders
+from ikdmil.inference.report import write_report
 from ikdmil.inference.settings import PredictSettings
 from ikdmil.inference.slide import predict_slide
 from ikdmil.inference.tiling import resolve_tiling
@@ -133,6 +135,7 @@ def predict(model: str | os.PathLike, inputs: list[str | os.PathLike], out: str 
         done = [Path(s["path"]) for s in slides if s.get("path")] + [Path(e["image"]) for e in patches]
         done += [out / "masks"] if patch_folders_ok else []
         merge_indexes(out, slides, patches, failures, done, config_path.name)
+        write_report(out)
     return PredictReport(slides, patches, failures, config_path)
 
 

@@ -104,7 +104,8 @@ class PredictSettings:
         "class_name": Opt("GeoJSON classification name"),
         "colour": Opt("GeoJSON classification colour R,G,B or #RRGGBB (default: 200,0,0)", parse=parse_colour,
                       check=colour_problem, metavar="R,G,B"),
-        "thumbnail_size": Opt("overlay/heatmap PNG size", min=16),
+        "thumbnail_size": Opt("long side of overlay.png / heatmap.png in px (at most the slide's own), read from the "
+                              "slide's pyramid whatever --out-stride", min=16),
         "mode": Opt("auto: OpenSlide formats and plain images larger than --patch-max are slides, other images "
                     "patches", flag="--as", choices=("auto", "slide", "patch")),
         "patch_max": Opt("auto: largest patch image side", min=1),

@@ -19,8 +19,10 @@ slide resampled to the model's training resolution (`model_mpp`, µm/px):
    `ikdmil.inference.outputs`):
    ``probability.tif`` (tiled pyramidal TIFF, uint8 = probability x 255, with mpp tags),
    ``mask.tif`` (same geometry, 0/255: probability >= threshold inside tissue), ``tumour.geojson``
-   (QuPath annotations, level-0 pixel coordinates), ``overlay.png`` and ``heatmap.png`` (thumbnails),
-   ``tissue.png`` and ``summary.json``.
+   (QuPath annotations, level-0 pixel coordinates), ``overlay.png`` (tissue outline blue, tumour outline
+   green, tumour tinted, with a legend) and ``heatmap.png``: thumbnails whose long side is
+   `thumbnail_size` (or level 0's when smaller), the maps resampled onto them;
+   ``tissue.png`` and ``summary.json`` (with its ``warnings``, see `ikdmil.inference.sanity`).
 
 A slide whose ``summary.json`` records the same settings key (settings that change the output, the
 model file and the slide file) is skipped unless `overwrite`.
@@ -36,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -48,6 +51,7 @@ from tqdm.auto import tqdm
 from ikdmil.errors import IkdmilError
 from ikdmil.inference.model import LoadedModel, gaussian_radius, tile_maps
 from ikdmil.inference.outputs import check_owned, locked, write_marker
+from ikdmil.inference.sanity import slide_warnings
 from ikdmil.inference.settings import PredictSettings
 from ikdmil.inference.tiling import (
     BandStitcher,
@@ -65,6 +69,7 @@ from ikdmil.io import chmod_default, make_temp_dir, one_line, replace_folder, wr
 from ikdmil.slide.reader import Slide, open_slide
 from ikdmil.slide.tiff import write_pyramid_tiff
 from ikdmil.slide.tissue import TissueMap, slide_tissue
+from ikdmil.visualize import SLIDE_OVERLAY_LEGEND
 
 logger = logging.getLogger(__name__)
 
@@ -186,12 +191,14 @@ def run_slide(job: SlideJob, tmp: Path, progress: bool, t_start: float) -> dict:
     write_pyramid_tiff(tmp / "probability.tif", prob, out_mpp, reduce="mean", scratch=tmp)
     write_pyramid_tiff(tmp / "mask.tif", mask, out_mpp, reduce="max", scratch=tmp)
     polys = write_annotations(job, mask, out_mpp, tmp / "tumour.geojson")
-    write_thumbnails(job, prob, mask, tmp)
+    thumb, thumb_tissue = write_thumbnails(job, prob, mask, tmp)
     total_s = time.perf_counter() - t_start
     del prob, mask
     for f in (".probability.u8", ".mask.u8"):
         (tmp / f).unlink()
-    return slide_summary(job, stitcher, polys, out_mpp, workers, infer_s, total_s)
+    summary = slide_summary(job, stitcher, polys, out_mpp, workers, infer_s, total_s)
+    slide_warnings(summary, thumb, thumb_tissue, job.lm.stain)
+    return summary
 
 
 def stitch_tiles(job: SlideJob, prob: np.ndarray, mask: np.ndarray, progress: bool) -> tuple[BandStitcher, int]:
@@ -240,21 +247,51 @@ def write_annotations(job: SlideJob, mask: np.ndarray, out_mpp: tuple[float, flo
     return polys
 
 
-def write_thumbnails(job: SlideJob, prob: np.ndarray, mask: np.ndarray, folder: Path) -> None:
-    """overlay.png (mask outline), heatmap.png (probability over tissue) and tissue.png in `folder`."""
-    from ikdmil.visualize import heatmap, overlay
+def write_thumbnails(job: SlideJob, prob: np.ndarray, mask: np.ndarray, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """overlay.png (tissue and tumour outlines), heatmap.png (probability over tissue) and tissue.png in `folder`.
 
-    thumb = _thumbnail(job.overview, job.settings.thumbnail_size)
+    Returns the thumbnail and its tissue mask (the stain check measures them). The maps are resampled
+    onto the thumbnail's grid: upsampled (bilinear; the tumour then is the upsampled probability >=
+    threshold inside tissue, a smooth outline instead of blocks) when the map is coarser, reduced when finer.
+    """
+    from ikdmil.visualize import contour_lines, heatmap, slide_overlay
+
+    thumb, ds = slide_thumbnail(job)
     size = (thumb.shape[1], thumb.shape[0])
-    prob_t = _reduce_to(prob, size, "mean").astype(np.float32) / 255.0
-    mask_t = _reduce_to(mask, size, "max") > 0
-    tissue_img = Image.fromarray(job.tissue.mask.astype(np.uint8) * 255)
-    tissue_t = np.asarray(tissue_img.resize(size, Image.Resampling.NEAREST)) > 0
-    write_png(folder / "overlay.png", overlay(thumb, mask_t))
-    heat = heatmap(prob_t).astype(np.float32)
+    out_ds = job.geom.out_downsample
+    ratio = (ds / out_ds[0], ds / out_ds[1])  # map px per thumbnail px
+    prob_t = map_on_grid(prob, size, ratio, "mean")
+    tissue_ratio = (ds / job.tissue.downsample[0], ds / job.tissue.downsample[1])
+    tissue_t = map_on_grid(job.tissue.mask.astype(np.uint8) * 255, size, tissue_ratio, "mean") >= 128
+    if min(ratio) >= 1:
+        mask_t = map_on_grid(mask, size, ratio, "max") > 0
+    else:
+        mask_t = (prob_t >= job.settings.threshold * 255) & (tissue_t | job.settings.all_tissue)
+    tissue_lines = [] if job.settings.all_tissue else contour_lines(job.tissue.mask, tissue_ratio)
+    write_png(folder / "overlay.png", slide_overlay(thumb, mask_t, tissue_lines, contour_lines(mask_t)))
+    prob_f = prob_t.astype(np.float32) / 255.0
+    heat = heatmap(prob_f).astype(np.float32)
     blend = np.where((tissue_t | (prob_t > 0))[..., None], 0.45 * thumb + 0.55 * heat, thumb.astype(np.float32))
     write_png(folder / "heatmap.png", blend.clip(0, 255).astype(np.uint8))
     write_png(folder / "tissue.png", job.tissue.mask)
+    return thumb, tissue_t
+
+
+def slide_thumbnail(job: SlideJob) -> tuple[np.ndarray, float]:
+    """(RGB thumbnail, level-0 px per thumbnail px): the slide with its long side at `thumbnail_size` (at most
+    level 0's), whatever the map's stride. Taken from the tissue overview when that is fine enough, else read
+    from the nearest finer pyramid level in chunks (`read_overview`; level 0 is never read whole)."""
+    from ikdmil.slide.reader import read_overview
+
+    W0, H0 = job.slide.dimensions
+    ds = max(1.0, max(W0, H0) / job.settings.thumbnail_size)
+    ov_ds = job.tissue.downsample[0]
+    if ov_ds > ds * (1 + 1e-6):
+        return read_overview(job.slide, ds), ds
+    size = (max(1, math.ceil(W0 / ds)), max(1, math.ceil(H0 / ds)))  # as read_overview sizes it
+    if size == (job.overview.shape[1], job.overview.shape[0]):
+        return job.overview, ds
+    return map_on_grid(job.overview, size, (ds / ov_ds, ds / ov_ds), "mean"), ds
 
 
 def slide_summary(job: SlideJob, stitcher: BandStitcher, polys: list, out_mpp: tuple[float, float], workers: int,
@@ -306,38 +343,40 @@ def slide_summary(job: SlideJob, stitcher: BandStitcher, polys: list, out_mpp: t
         "batch_size": job.batch_size,
         "device": str(lm.device),
         "files": list(OUTPUT_FILES),
+        "overlay_legend": dict(SLIDE_OVERLAY_LEGEND),
     }
 
 
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _reduce_to(arr: np.ndarray, size: tuple[int, int], how: str = "mean", band: int = 512) -> np.ndarray:
-    """A (possibly memmapped) uint8 map reduced by an integer factor band by band, then resized to `size` (w, h)."""
-    H, W = arr.shape
-    f = max(1, min(H // max(size[1], 1), W // max(size[0], 1)))
-    rows = []
-    step = band * f
-    for y in range(0, H, step):
-        block = np.asarray(arr[y:y + step])
-        h = block.shape[0] // f * f
-        w = W // f * f
-        if h == 0:
-            continue
-        b = block[:h, :w].reshape(h // f, f, w // f, f)
-        rows.append(b.max(axis=(1, 3)) if how == "max" else b.mean(axis=(1, 3)).astype(np.uint8))
-    small = np.concatenate(rows, 0) if rows else np.zeros((1, 1), np.uint8)
+def map_on_grid(arr: np.ndarray, size: tuple[int, int], ratio: tuple[float, float], how: str = "mean",
+                band: int = 512) -> np.ndarray:
+    """A (possibly memory-mapped) uint8 map (H, W[, 3]) resampled onto a grid of `size` (w, h) whose cells are
+    `ratio` (x, y) map px, both grids starting at the map's origin.
+
+    Reduced first by an integer factor band by band (mean, or max for masks: small tumours stay visible),
+    then resized (bilinear; nearest for max); the map is edge-padded where the grid reaches beyond it.
+    """
+    f = max(1, int(min(ratio)))
+    if f > 1:
+        H, W = arr.shape[:2]
+        rows = []
+        for y in range(0, H // f * f, band * f):
+            block = np.asarray(arr[y:min(y + band * f, H // f * f), :W // f * f])
+            b = block.reshape(block.shape[0] // f, f, block.shape[1] // f, f, *block.shape[2:])
+            rows.append(b.max(axis=(1, 3)) if how == "max" else b.mean(axis=(1, 3)).round().astype(np.uint8))
+        small = np.concatenate(rows, 0) if rows else np.zeros((1, 1, *arr.shape[2:]), np.uint8)
+    else:
+        small = np.asarray(arr)
+    rx, ry = ratio[0] / f, ratio[1] / f
+    need_h, need_w = math.ceil(size[1] * ry), math.ceil(size[0] * rx)
+    pad = ((0, max(0, need_h - small.shape[0])), (0, max(0, need_w - small.shape[1])))
+    if any(p[1] for p in pad):
+        small = np.pad(small, pad + ((0, 0),) * (small.ndim - 2), mode="edge")
     resample = Image.Resampling.NEAREST if how == "max" else Image.Resampling.BILINEAR
-    return np.asarray(Image.fromarray(small).resize(size, resample))
-
-
-def _thumbnail(overview: np.ndarray, max_size: int) -> np.ndarray:
-    h, w = overview.shape[:2]
-    f = min(1.0, max_size / max(h, w))
-    if f >= 1.0:
-        return overview
-    size = (max(1, round(w * f)), max(1, round(h * f)))
-    return np.asarray(Image.fromarray(overview).resize(size, Image.Resampling.BILINEAR))
+    box = (0.0, 0.0, size[0] * rx, size[1] * ry)
+    return np.asarray(Image.fromarray(small).resize(size, resample, box=box, reducing_gap=None))
 
 
 def _file_key(path: Path) -> str:

@@ -7,7 +7,7 @@ Metadata (`ikdmil` key, JSON): `format`, `backbone`, `head` (which network is bu
 backbone: "mil" = `MILSegmenter`, side heads + fusion; "segnet" = `ikdmil.models.segnet.SegNet`,
 with its `decoder_width`; files without `head` are MIL models), `side_taps` where the backbone has
 them, and what the writer adds: `method` (the training method, e.g. ikd, oeem), `role`,
-`val_score`, `input_size`, `mpp`.
+`val_score`, `input_size`, `mpp`, `stain` (the training images' stain statistics, `ikdmil.stain`).
 """
 
 from __future__ import annotations
