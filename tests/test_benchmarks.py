@@ -30,6 +30,8 @@ def test_help(script):
                       "--iters", "1", "--warmup", "0"]),
     ("throughput.py", ["--size", "32", "--batches", "2", "--images", "8", "--steps", "1", "--warmup", "0",
                        "--device", "cpu"]),
+    ("backends.py", ["--shapes", "32x1", "--backends", "eager,channels_last,no-such", "--steps", "1",
+                     "--warmup", "0"]),
 ])
 def test_tiny_run_prints_json_lines(script, args):
     proc = _run(script, *args)
