@@ -5,16 +5,20 @@ Generates (once, cached under --work) a tiled pyramidal TIFF of --size x --size 
 slide in irregular blobs. Only the tissue cells are stored (a memmap of cells), so even a
 100k x 100k slide is generated on a small disk. Then runs `ikdmil predict` on it in a child process
 with a random-init model of the requested backbone and input size (the compute of a trained one),
-sampling the memory of the child and its tile-reading workers every 0.1 s.
+sampling the memory of the child and its tile-reading workers every 0.1 s. Each configuration of
+--configs (predict settings: `default` is today's path) runs in its own child on the same slide.
 
-Prints one JSON line: tiles, tiles/s, tissue megapixels/s (level 0 and at the model's resolution),
-seconds, peak memory of the child and its workers (proportional set size: total, anonymous, and
-file-backed = memory-mapped output maps and libraries), the level-0 RGB size for comparison, and the
-device.
+Prints one JSON line per configuration: tiles, tiles/s, tissue megapixels/s (level 0 and at the
+model's resolution), slides per hour for a standard Camelyon-like slide (100k x 100k px at this
+--mpp, 30 % tissue), the model's achieved GFLOP/s beside this CPU's measured fp32 matmul peak (and
+the slide-throughput limit that peak implies), the ratio to the first configuration, seconds, peak
+memory of the child and its workers (proportional set size: total, anonymous, and file-backed =
+memory-mapped output maps and libraries), the level-0 RGB size for comparison, and the device.
 
     python benchmarks/wsi.py                                  # 20480 x 20480 px at 0.25 µm/px, CPU or GPU
     python benchmarks/wsi.py --size 100000 --tissue 0.004     # a 100k x 100k slide: the memory bound
     python benchmarks/wsi.py --device cpu --batch-size 8 --workers 2
+    python benchmarks/wsi.py --configs default               # today's path only
     python benchmarks/wsi.py --smoke                          # a 1024 px slide, 64 px tiles: seconds (tests run it)
 """
 
@@ -36,6 +40,8 @@ import numpy as np
 CELL = 512
 TILE = 256
 GLASS = 242
+STANDARD_SLIDE_TISSUE_MPX = 100_000 * 100_000 * 0.30 / 1e6  # Camelyon-like: 100k x 100k px, 30 % tissue
+CONFIGS = {"default": {}, "large-tiles": {"large_tiles": True}}  # PredictSettings overrides per configuration
 
 
 def _tissue_cells(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -153,7 +159,8 @@ CHILD = r"""
 import json, sys, time, torch
 from ikdmil.inference import PredictSettings, predict
 args = json.loads(sys.argv[1])
-s = PredictSettings(batch_size=args["batch_size"], workers=args["workers"], device=args["device"], overwrite=True)
+s = PredictSettings(batch_size=args["batch_size"], workers=args["workers"], device=args["device"], overwrite=True,
+                    **args["settings"])
 rep = predict(args["model"], [args["slide"]], args["out"], s, progress=False, echo=lambda *a: None)
 extra = {}
 if torch.cuda.is_available() and rep.slides and rep.slides[0]["device"].startswith("cuda"):
@@ -176,10 +183,17 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--work", default=None, help="folder for the generated slide and outputs (default: a temp folder)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--configs", default=None,
+                   help=f"comma-separated predict configurations, from {', '.join(CONFIGS)}; ratios are to the "
+                        f"first (default: all; --smoke: default)")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny run that checks the benchmark works (seconds; figures mean nothing); "
                         "a fresh temp folder unless --work")
     args = p.parse_args(argv)
+    args.configs = args.configs or ("default" if args.smoke else ",".join(CONFIGS))
+    unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
+    if unknown:
+        p.error(f"unknown --configs {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     smoke = {"size": 1024, "tissue": 0.5, "input_size": 64} if args.smoke else {}
     full = {"size": 20480, "tissue": 0.3, "input_size": 256}
     for key, value in full.items():
@@ -194,6 +208,7 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace, work: Path) -> int:
     """Generate (or reuse) the slide under `work`, predict it in a child process, print one JSON line."""
     import torch
+    from timing import matmul_peak_gflops  # benchmarks/timing.py
 
     from ikdmil.models import create_model
     from ikdmil.models.checkpoint import save_model
@@ -207,20 +222,37 @@ def run(args: argparse.Namespace, work: Path) -> int:
     torch.manual_seed(args.seed)
     model, _ = create_model(args.backbone, pretrained="none")
     model_file = save_model(model, work / f"{args.backbone}-{args.input_size}.safetensors", input_size=args.input_size)
-
-    child_args = {"model": str(model_file), "slide": str(slide), "out": str(work / "out"),
-                  "batch_size": args.batch_size, "workers": args.workers, "device": args.device}
-    code, out, peak, wall = _run_child(child_args)
-    line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
-    if code or line is None:
-        print(out, file=sys.stderr)
-        return 1
-    res = json.loads(line[len("RESULT "):])
-    if res["failures"]:
-        print(json.dumps(res["failures"]), file=sys.stderr)
-        return 1
-    print(json.dumps(_result(args, res, peak, wall, gen)))
+    machine = {"fp32_matmul_gflops": round(matmul_peak_gflops(), 1), "gflop_per_model_mpx": _gflop_per_mpx(model)}
+    first = None
+    for name in args.configs.split(","):
+        child_args = {"model": str(model_file), "slide": str(slide), "out": str(work / "out" / name),
+                      "batch_size": args.batch_size, "workers": args.workers, "device": args.device,
+                      "settings": CONFIGS[name]}
+        code, out, peak, wall = _run_child(child_args)
+        line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+        if code or line is None:
+            print(out, file=sys.stderr)
+            return 1
+        res = json.loads(line[len("RESULT "):])
+        if res["failures"]:
+            print(json.dumps(res["failures"]), file=sys.stderr)
+            return 1
+        row = {"config": name, **_result(args, res, peak, wall, gen, machine)}
+        rate = res["slides"][0]["tissue"]["area_mm2"] / res["slides"][0]["seconds"]  # unrounded
+        first = first or rate
+        row["vs_first"] = round(rate / max(first, 1e-12), 3)
+        print(json.dumps(row), flush=True)
     return 0
+
+
+def _gflop_per_mpx(model) -> float:
+    """Forward GFLOP per megapixel of model input (a conv net's cost is linear in its pixels)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(torch.zeros(1, 3, TILE, TILE, dtype=torch.uint8))
+    return round(counter.get_total_flops() / 1e9 / (TILE * TILE / 1e6), 2)
 
 
 def _run_child(child_args: dict) -> tuple[int, str, dict[str, int], float]:
@@ -244,11 +276,14 @@ def _run_child(child_args: dict) -> tuple[int, str, dict[str, int], float]:
     return proc.returncode, out, peak, time.perf_counter() - t0
 
 
-def _result(args: argparse.Namespace, res: dict, peak: dict[str, int], wall: float, gen: dict) -> dict:
-    """The JSON line: the child's slide summary turned into throughput and memory figures."""
+def _result(args: argparse.Namespace, res: dict, peak: dict[str, int], wall: float, gen: dict, machine: dict) -> dict:
+    """The JSON line: the child's slide summary turned into throughput, compute and memory figures."""
     s = res["slides"][0]
     tissue_mpx_l0 = s["tissue"]["area_mm2"] * 1e6 / (args.mpp ** 2) / 1e6
     tissue_mpx_model = tissue_mpx_l0 * (args.mpp / s["model_mpp"]) ** 2
+    model_mpx = s["tiles"] * s["tile_size"] ** 2 / 1e6  # model pixels computed, overlaps included
+    gflops = machine["gflop_per_model_mpx"] * model_mpx / max(s["inference_seconds"], 1e-9)
+    limit_model = machine["fp32_matmul_gflops"] / machine["gflop_per_model_mpx"]  # model Mpx/s at the GEMM peak
     level0_rgb_mb = args.size * args.size * 3 / 2**20
     result = {
         "benchmark": "wsi-predict" + ("-smoke" if args.smoke else ""),
@@ -263,6 +298,11 @@ def _result(args: argparse.Namespace, res: dict, peak: dict[str, int], wall: flo
         "tiles_per_s": s["tiles_per_second"],
         "tissue_mpx_per_s_level0": round(tissue_mpx_l0 / s["seconds"], 2),
         "tissue_mpx_per_s_model": round(tissue_mpx_model / s["seconds"], 2),
+        "slides_per_hour_standard": round(3600 * tissue_mpx_l0 / s["seconds"] / STANDARD_SLIDE_TISSUE_MPX, 2),
+        "model_gflops": round(gflops, 1), **machine,
+        "limit_tissue_mpx_per_s_model": round(limit_model, 3),
+        "of_limit": round(tissue_mpx_model / s["seconds"] / limit_model, 3),
+        "computed_per_tissue_px": round(model_mpx / max(tissue_mpx_model, 1e-9), 2),
         "peak_mem_mb": round(peak["Pss"] / 1024, 1),
         "peak_mem_anon_mb": round(peak["Pss_Anon"] / 1024, 1),
         "peak_mem_file_mb": round(peak["Pss_File"] / 1024, 1),

@@ -30,9 +30,18 @@ def test_help(script):
                       "--iters", "1", "--warmup", "0"]),
     ("throughput.py", ["--size", "32", "--batches", "2", "--images", "8", "--steps", "1", "--warmup", "0",
                        "--device", "cpu"]),
+    ("backends.py", ["--shapes", "32x1", "--backends", "eager,channels_last,no-such", "--steps", "1",
+                     "--warmup", "0"]),
 ])
 def test_tiny_run_prints_json_lines(script, args):
     proc = _run(script, *args)
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines and all(isinstance(r, dict) for r in lines)
+
+
+def test_gpu_script_parses_and_names_every_step():
+    script = (BENCH / "gpu.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(BENCH / "gpu.sh")], capture_output=True).returncode == 0
+    for name in ("throughput-eager", "throughput-compile", "throughput-cudagraphs", "wsi", "glas-paper"):
+        assert f"step {name} " in script
