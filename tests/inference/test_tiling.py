@@ -43,3 +43,33 @@ def test_large_tiling_covers_the_receptive_field_and_the_gaussian():
     assert tile == 2048 and overlap % 16 == 0 and (tile - overlap) % 16 == 0
     assert large_tiling(23, 4, 12, 4, (300.5, 200))[0] == 304  # a small slide: one tile just covering it
     assert large_tiling(5000, 16, 12, 4, (20000, 15000)) is None  # wider than any large tile: small tiles
+
+
+class _Blobs:
+    """A stand-in tissue map: tissue inside the given level-0 squares (x, y, side), nowhere else."""
+
+    def __init__(self, squares):
+        self.squares = squares
+
+    def fraction(self, x, y, w, h):
+        inside = sum(max(0, min(x + w, sx + a) - max(x, sx)) * max(0, min(y + h, sy + a) - max(y, sy))
+                     for sx, sy, a in self.squares)
+        return inside / (w * h)
+
+
+def test_cheapest_tiling_follows_the_tissue():
+    from ikdmil.inference.tiling import cheapest_tiling, large_tilings, select_tiles, slide_geometry
+
+    options = large_tilings(23, 4, 12, 4, (8192, 8192))
+    assert [o[0] for o in options] == [384, 512, 768, 1024, 1536, 2048] and len({o[1] for o in options}) == 1
+
+    def geometry(t, o, m):
+        return slide_geometry((8192, 8192), (0.5, 0.5), 0.5, t, o, 4, m)
+
+    dense = _Blobs([(0, 0, 8192)])
+    scattered = _Blobs([(300 + 1900 * i, 700 * i, 150) for i in range(4)])
+    for tissue, expect in ((dense, lambda t: t >= 1536), (scattered, lambda t: t <= 512)):
+        (tile, _, _), geom, boxes, _ = cheapest_tiling(options, geometry, tissue, 0.0)
+        assert expect(tile), tile  # all tissue: the overlap costs, large tiles win; islands: large ones are glass
+        costs = [len(select_tiles(geometry(*o), tissue, 0.0)[0]) * o[0] ** 2 for o in options]
+        assert len(boxes) * tile ** 2 == min(costs) and geom.tile == tile

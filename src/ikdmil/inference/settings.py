@@ -112,7 +112,7 @@ class PredictSettings:
         "device": Opt("auto | cpu | cuda | cuda:N", check=device_problem),
         "amp": Opt("bf16 autocast on CUDA"),
         "overwrite": Opt("redo slides already done with the same settings (default: skip them)"),
-        "large_tiles": Opt("fully convolutional backbones (vgg16, resnet*): 1024-2048 px tiles whose map equals one "
-                           "pass over the whole slide; off by default: on slides with scattered tissue they compute "
-                           "more glass and ran at 0.64x the default's speed (benchmarks/wsi.py)"),
+        "large_tiles": Opt("fully convolutional backbones (vgg16, resnet*): tiles of 384-2048 px, per slide the "
+                           "size that computes the fewest pixels on its tissue, whose map equals one pass over the "
+                           "whole slide (see README: Speed)"),
     }

@@ -57,9 +57,10 @@ from ikdmil.inference.tiling import (
     BandStitcher,
     Box,
     Geometry,
+    cheapest_tiling,
     large_tiling,
+    large_tilings,
     resolve_tiling,
-    select_tiles,
     slide_geometry,
     tile_loader,
     tile_window,
@@ -150,11 +151,15 @@ def plan_slide(lm: LoadedModel, slide: Slide, slide_path: Path, settings: Predic
             "pixel, e.g. 0.25 at 40x, 0.5 at 20x, not a magnification) and --model-mpp"
         )
     model_size = (slide.dimensions[0] * mpp[0] / lm.mpp, slide.dimensions[1] * mpp[1] / lm.mpp)
-    tile, overlap, margin = choose_tiling(lm, settings, model_size)
-    geom = slide_geometry(slide.dimensions, mpp, lm.mpp, tile, overlap, settings.out_stride, margin)
     user_mask = _user_mask_for(settings, slide_path)
     tissue, overview = slide_tissue(slide, settings.tissue, user_mask, settings.all_tissue)
-    boxes, cells = select_tiles(geom, None if settings.all_tissue else tissue, settings.min_tissue)
+    options = [choose_tiling(lm, settings, model_size)]
+    if options[0][2]:  # large tiles: the size that computes the fewest pixels on this slide's tissue
+        options = large_tilings(lm.reach, lm.net_stride, gaussian_radius(settings.sigma), settings.out_stride,
+                                model_size) or options
+    (tile, overlap, margin), geom, boxes, cells = cheapest_tiling(
+        options, lambda t, o, m: slide_geometry(slide.dimensions, mpp, lm.mpp, t, o, settings.out_stride, m),
+        None if settings.all_tissue else tissue, settings.min_tissue)
     if not boxes:
         raise IkdmilError(_no_tiles(slide_path, slide, settings, tissue, user_mask))
     batch = lm.batch_size

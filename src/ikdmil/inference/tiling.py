@@ -9,9 +9,11 @@ Conventions
   normalised by the weight sum, so a constant map stays exactly constant and tiles leave no seams.
 - `BandStitcher` holds only a band of output rows in memory: tiles arrive in row order and finished
   rows go straight to the (memory-mapped) uint8 probability and mask maps.
-- Large tiles (`large_tiling`, for backbones registered as tile-invariant): tiles of
-  `LARGE_TILES` model px whose overlap holds twice a `margin` = the model's reach (receptive
-  field half-width) + the Gaussian's radius, plus a ramp. The window gives no weight to the
+- Large tiles (`large_tiling`, for backbones registered as tile-invariant): tiles of one of the
+  `LARGE_TILES` sizes (model px) whose overlap holds twice a `margin` = the model's reach (receptive
+  field half-width) + the Gaussian's radius, plus a ramp. Which size: `cheapest_tiling`, the one
+  that computes the fewest model pixels on this slide's tissue (large tiles waste little on overlap
+  but much on glass when tissue is scattered; small ones the reverse). The window gives no weight to the
   `margin` px along each tile edge (where zero padding and the smoothing's reflection change the
   map), so every output pixel comes from tiles in which it lies deeper than the receptive field:
   the stitched map equals one forward pass over the whole slide, up to the window's `eps`
@@ -97,9 +99,10 @@ def slide_geometry(dimensions: tuple[int, int], mpp: tuple[float, float], model_
     return Geometry(tile, overlap, stride, out_stride, d, (wm, hm), out_size, (count(wm), count(hm)), margin)
 
 
-#: tile sizes (model px) tried for tile-invariant backbones: the smallest whose overlap costs at most
-#: LARGE_OVERHEAD (computed px per output px) is used, else the largest
-LARGE_TILES = (1024, 1536, 2048)
+#: tile sizes (model px) tried for tile-invariant backbones (`cheapest_tiling` picks one per slide);
+#: without tissue to go by, the smallest whose overlap costs at most LARGE_OVERHEAD (computed px per
+#: output px) is used, else the largest
+LARGE_TILES = (384, 512, 768, 1024, 1536, 2048)
 LARGE_OVERHEAD = 1.25
 
 
@@ -110,15 +113,36 @@ def large_tiling(reach: int, net_stride: int, smooth_radius: int, out_stride: in
     `reach`: how far the model's output depends on its input (`receptive_reach`); `smooth_radius`:
     the Gaussian's half-width; the tile shrinks to the slide when the slide is smaller.
     """
+    options = large_tilings(reach, net_stride, smooth_radius, out_stride, model_size)
+    if not options:
+        return None
+    return next((o for o in options if (o[0] / (o[0] - o[1])) ** 2 <= LARGE_OVERHEAD), options[-1])
+
+
+def large_tilings(reach: int, net_stride: int, smooth_radius: int, out_stride: int,
+                  model_size: tuple[float, float]) -> list[tuple[int, int, int]]:
+    """Every usable (tile, overlap, margin) of `LARGE_TILES` for this model and slide, smallest first."""
     align = math.lcm(net_stride, out_stride)
     margin = _round_up(reach + smooth_radius, out_stride)
     overlap = _round_up(2 * margin + 4 * out_stride, align)  # a ramp of >= 4 output px between the margins
-    tile = next((t for t in LARGE_TILES if (t / (t - overlap)) ** 2 <= LARGE_OVERHEAD), LARGE_TILES[-1])
-    tile = _round_up(tile, align)
-    if tile <= overlap:
-        return None
     extent = _round_up(math.ceil(max(model_size)), align)  # one tile covers a small slide
-    return max(min(tile, extent), overlap + align), overlap, margin
+    tiles = {max(min(_round_up(t, align), extent), overlap + align) for t in LARGE_TILES
+             if _round_up(t, align) > overlap}
+    return [(t, overlap, margin) for t in sorted(tiles)]
+
+
+def cheapest_tiling(options: list[tuple[int, int, int]], geometry, tissue: TissueMap | None, min_tissue: float):
+    """The option (tile, overlap, margin) whose selected tiles hold the fewest model pixels, with its
+    geometry and tiles: `geometry(tile, overlap, margin)` builds the grid. Ties go to the larger tile
+    (fewer tiles: less per-tile work)."""
+    best = None
+    for option in options:
+        geom = geometry(*option)
+        boxes, cells = select_tiles(geom, tissue, min_tissue)
+        cost = len(boxes) * option[0] ** 2
+        if best is None or cost <= best[0]:
+            best = (cost, option, geom, boxes, cells)
+    return best[1:]
 
 
 def _round_up(n: int, k: int) -> int:
