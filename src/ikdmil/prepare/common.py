@@ -99,7 +99,7 @@ class ResumableOutput:
         order = {s: i for i, s in enumerate(SPLITS)}
         records = sorted(records, key=lambda r: (order[r["split"]], -r["label"], natural_key(r["image"])))
         samples = [Sample(self.out / r["image"], int(r["label"]), self.out / r["mask"] if r["mask"] else None,
-                          r["split"])
+                          r["split"], r.get("mpp"))
                    for r in records]
         manifest = write_manifest(samples, self.out / MANIFEST_NAME)
         summary = {"preparer": self.preparer, "settings": self.settings, **summary,
