@@ -37,7 +37,7 @@ from torch import nn
 
 from ikdmil.config import RunConfig
 from ikdmil.device import autocast
-from ikdmil.engine.loop import BatchMeta, Step, Timer, dihedral, load_checkpoint, run_epoch
+from ikdmil.engine.loop import BatchMeta, Step, Timer, crop_batch, dihedral, load_checkpoint, run_epoch
 from ikdmil.engine.pipeline import Best
 from ikdmil.engine.run import TrainingRun
 from ikdmil.models.checkpoint import load_state_checked
@@ -168,15 +168,17 @@ class SegRun(TrainingRun):
     def next_epoch(self, step: Step, desc: str) -> dict[str, float]:
         loader = self.epoch_loader(self.epochs_run)
         self.epochs_run += 1
-        return run_epoch(step, loader, self.device, self.augment, desc, self.progress)
+        return run_epoch(step, loader, self.device, self.augment, desc, self.progress, self.crop)
 
     def validation_due(self, epoch: int, epochs: int) -> bool:
         return epoch % self.cfg.val_every == 0 or epoch == epochs
 
     # ----------------------------------------------------------------- the segmentation network
     def batch_targets(self, targets: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
-        """The rows `meta.index` of per-image (N,1,S,S) targets, augmented like the batch, float32."""
-        t = targets[meta.index.to(targets.device)].to(self.device).float()
+        """The rows `meta.index` of per-image (N,1,H,W) canvas targets, cropped and augmented like the
+        batch, float32."""
+        t = targets[meta.index.to(targets.device)]
+        t = crop_batch(t, meta.offsets, self.cfg.input_size).to(self.device).float()
         return dihedral(t, meta.ops) if meta.ops is not None else t
 
     def segnet_optimizer(self, net: SegNet) -> torch.optim.Optimizer:
@@ -231,7 +233,7 @@ class SegRun(TrainingRun):
 
     @torch.no_grad()
     def predict_maps(self, net: nn.Module, images) -> torch.Tensor:
-        """(N,S,S) float32 CPU fused maps of `net` (eval mode) for uint8 (N,S,S,3) images."""
+        """(N,H,W) float32 CPU fused maps of `net` (eval mode) for a split's `CachedArrays`, whole images."""
         from ikdmil.engine.evaluate import predict_fused
 
         cfg = self.cfg

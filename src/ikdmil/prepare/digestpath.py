@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ikdmil.data.scale import spread_starts
 from ikdmil.errors import IkdmilError
 from ikdmil.io import open_image, read_rgb, write_png
 from ikdmil.prepare.common import ResumableOutput, format_counts, natural_key, save_patch_image
@@ -128,10 +128,7 @@ def read_tumour_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 def crop_positions(length: int, crop: int) -> list[int]:
     """Crop origins covering [0, length): evenly spread, the last one flush with the end."""
-    if length <= crop:
-        return [0]
-    n = math.ceil(length / crop)
-    return [round(i * (length - crop) / (n - 1)) for i in range(n)]
+    return spread_starts(length, crop, crop)
 
 
 def _split_images(items: list[tuple[str, bool]], val: float, test: float, seed: int) -> dict[str, str]:

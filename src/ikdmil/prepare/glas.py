@@ -14,8 +14,8 @@ taken from ``train`` by patient (no patient in both train and val), deterministi
 the test split is never looked at when choosing them.
 
 Output: ``out/{train,val,test}/{pos,neg}/NAME.ext``, ``out/{split}/masks/NAME.png`` (0/255),
-``out/manifest.csv`` (with ``mpp`` = `GLAS_MPP`) and ``out/glas_summary.json``. The folder is built as a sibling ``out.tmp-XXXX``
-and renamed to ``out`` only when everything succeeded.
+``out/manifest.csv`` (with ``mpp`` = `GLAS_MPP`) and ``out/glas_summary.json``. The folder is built
+as a sibling ``out.tmp-XXXX`` and renamed to ``out`` only when everything succeeded.
 """
 
 from __future__ import annotations
