@@ -10,7 +10,7 @@ Which scale (`choose_scale`, from the *training* split):
 - `model_mpp` given (> 0) and the data has mpp: that resolution;
 - else, data with mpp: the resolution at which the median training image's short side is
   `input_size` px, so a crop covers about what a whole (squeezed) image covered before. GlaS at
-  256 px: 0.62 x 522 / 256 = 1.26 µm/px (775 x 522 images become 379 x 256);
+  256 px: 0.62 x 522 / 256 = 1.26 µm/px (775 x 522 images become 380 x 256);
 - data without mpp: the resolution is unknown (`mpp` 0, or `model_mpp` stored as given) and images
   are rescaled by one pixel factor, the one that makes the median short side `input_size` px.
 The manifest's mpp column must be filled for all images or none.
