@@ -11,7 +11,8 @@ the checkpoint is read, so a resumed run draws the same random numbers as an uni
 `train_segnet` is the phase of OEEM, OAA, PistoSeg and `supervised-unet`: the shared `SegNet`
 (`ikdmil.models.segnet`) trained on per-image targets (pseudo-masks, or the pixel masks for the
 supervised reference) with the method's loss; per-image targets live on the split's canvas at the
-model's scale and are cropped and augmented with the images (the same crop, the same dihedral op), the best epoch on validation is kept and written to `segnet.safetensors` (role
+model's scale and are cropped and augmented with the images (the same crop, the same dihedral op),
+the best epoch on validation is kept and written to `segnet.safetensors` (role
 `segnet`), which `finish` scores on test and copies to `model.safetensors`.
 
 The new layers (decoder, classifier head) train at `lr x head_lr_scale`, the encoder at `lr`: the
