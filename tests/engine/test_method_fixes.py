@@ -367,7 +367,8 @@ def test_checkpoints_carry_the_cuda_rng_state(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: saved.setdefault("cuda", state))
     gen = torch.Generator()
     run = types.SimpleNamespace(device=torch.device("cuda", 0), loader_gen=gen,
-                                augment=types.SimpleNamespace(gen=torch.Generator()))
+                                augment=types.SimpleNamespace(gen=torch.Generator()),
+                                crop=types.SimpleNamespace(gen=torch.Generator()))
     state = TrainingRun.rng_state(run)
     assert torch.equal(state["cuda"], torch.tensor([7], dtype=torch.uint8))
     TrainingRun.restore_rng(run, state)

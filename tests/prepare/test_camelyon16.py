@@ -52,6 +52,7 @@ def test_counts_splits_and_labels(prepared):
 
     samples = load_samples(prepared)
     assert len(samples) == sum(c["total"] for c in counts.values())
+    assert {s.mpp for s in samples} == {0.5}  # the manifest carries the patches' µm/px (0.25 x level 1's 2x)
     split_of = {}
     for s in samples:
         slide = s.image.stem.rsplit("_x", 1)[0]

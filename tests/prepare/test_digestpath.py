@@ -29,6 +29,7 @@ def test_crops_are_labelled_by_their_mask_and_split_by_image(fake, tmp_path):
     for split in ("train", "test"):
         assert any(n.startswith("pos") for n in images[split]) and any(n.startswith("neg") for n in images[split])
     samples = load_samples(out)
+    assert {s.mpp for s in samples} == {0.5}  # --mpp's default, recorded for training
     assert (summary["counts"]["train"]["total"] + summary["counts"]["val"]["total"]
             + summary["counts"]["test"]["total"] == len(samples))
     n_pos = 0

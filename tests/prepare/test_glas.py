@@ -38,6 +38,7 @@ def _check_prepared(out: Path, records: list[dict]) -> list:
     assert got[("train", 1)] + got[("val", 1)] == want_train["malignant"]
     assert got[("train", 0)] + got[("val", 0)] == want_train["benign"]
 
+    assert {s.mpp for s in samples} == {0.62}  # GlaS is 20x: training derives the model's µm/px from it
     for s in samples:
         r = by_name[s.image.stem]
         assert s.label == (1 if r["grade"] == "malignant" else 0)

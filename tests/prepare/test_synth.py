@@ -85,6 +85,7 @@ def test_dataset_layout_manifest_and_masks(dataset40):
     assert (out / "manifest.csv").is_file()
     samples = load_samples(out)
     assert len(samples) == 40
+    assert {s.mpp for s in samples} == {0.5}  # the stated resolution of the drawing
     assert len({s.image.name for s in samples}) == 40
     for split in SPLITS:
         labels = Counter(s.label for s in samples if s.split == split)

@@ -232,7 +232,7 @@ def select_split(samples: list[Sample], split: str, source: str | os.PathLike, n
 
 
 def samples_digest(samples: Iterable[Sample]) -> str:
-    """Content key of a sample list: paths, labels, masks, and each file's size and mtime."""
+    """Content key of a sample list: paths, labels, masks, mpp, and each file's size and mtime."""
     h = hashlib.sha256()
     for s in samples:
         for p in (s.image, s.mask):
@@ -241,5 +241,5 @@ def samples_digest(samples: Iterable[Sample]) -> str:
                 continue
             st = p.stat() if p.exists() else None
             h.update(f"{p.resolve()}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}".encode())
-        h.update(f"|{s.label}|{s.split}\n".encode())
+        h.update(f"|{s.label}|{s.split}|{s.mpp}\n".encode())
     return h.hexdigest()[:16]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ikdmil.device import autocast
-from ikdmil.engine.loop import BatchMeta, Step, dihedral, dihedral_inverse
+from ikdmil.engine.loop import BatchMeta, Cropper, Step, crop_batch, dihedral, dihedral_inverse
 from ikdmil.losses import student_loss
 from ikdmil.models.heads import MILOutput, MILSegmenter
 
@@ -85,19 +85,26 @@ class TeacherTargets:
     `channels`: 1 (fused map) or k + 1 (side maps and fused map, for block KD). Maps are stored as
     float16 (N, views, channels, S, S) where `storage_device` finds room; when there is none every
     call runs the teacher live (same values, without the float16 rounding).
+
+    Random crops (`crops`, the run's `Cropper`): the crop is part of the view, so maps are kept per
+    (image, crop position, dihedral view), `crops.views x views` slots per image, and the target is
+    still exactly the live teacher's on the augmented crop; mean8 computes every crop position of
+    every image at `refresh`.
     """
 
     def __init__(self, images, device: torch.device, amp: bool, batch_size: int, views: int = 8,
-                 channels: int = 1, mode: str = "view", cache: bool = True):
+                 channels: int = 1, mode: str = "view", cache: bool = True, crops: Cropper | None = None):
         if mode not in ("view", "mean8"):
             raise ValueError(f"teacher target {mode!r}: choose view or mean8")
         self.images, self.device, self.amp, self.batch_size = images, device, amp, batch_size
-        self.channels, self.mode = channels, mode
+        self.channels, self.mode, self.crops = channels, mode, crops
         self.views = 1 if mode == "mean8" else views
+        self.positions = crops.views if crops is not None else 1
         self.teacher: MILSegmenter | None = None
-        n, h, w = images.shape[:3]
-        shape = (n, self.views, channels, h, w)
-        store = storage_device(2 * n * self.views * channels * h * w, device) if cache else None
+        n = images.shape[0]
+        h, w = (crops.size, crops.size) if crops is not None else images.shape[1:3]
+        shape = (n, self.positions * self.views, channels, h, w)
+        store = storage_device(2 * int(np.prod(shape)), device) if cache else None
         self.maps = self.known = None
         if store is not None:
             self.maps = torch.empty(shape, dtype=torch.float16, device=store)
@@ -116,11 +123,25 @@ class TeacherTargets:
             return
         self.known.zero_()
         if self.mode == "mean8":
-            for start in range(0, len(self.images), self.batch_size):
-                x = torch.from_numpy(np.array(self.images[start:start + self.batch_size])).to(self.device)
-                mean = self._mean8(x.permute(0, 3, 1, 2))
-                self.maps[start:start + len(mean), 0] = mean.to(self.maps.device, torch.float16)
-            self.known.fill_(True)
+            rows = self._all_crops()
+            for start in range(0, len(rows), self.batch_size):
+                index, pos = rows[start:start + self.batch_size].unbind(1)
+                mean = self._mean8(self._crop(index, pos).to(self.device))
+                self.maps[index, pos] = mean.to(self.maps.device, torch.float16)
+                self.known[index, pos] = True
+
+    def _all_crops(self) -> torch.Tensor:
+        """(M,2) every (image, crop position) of the training set."""
+        if self.crops is None:
+            return torch.stack([torch.arange(len(self.images)), torch.zeros(len(self.images), dtype=torch.long)], 1)
+        return torch.tensor([(i, p) for i, (ys, xs) in enumerate(self.crops.starts) for p in range(len(ys) * len(xs))])
+
+    def _crop(self, index: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """uint8 (B,3,S,S) crops at positions `pos` of images `index`."""
+        x = torch.from_numpy(np.stack([np.asarray(self.images[i]) for i in index.tolist()])).permute(0, 3, 1, 2)
+        if self.crops is None:
+            return x
+        return crop_batch(x, self.crops.offsets(index, pos), self.crops.size)
 
     def _maps(self, x: torch.Tensor) -> torch.Tensor:
         return teacher_maps(self.teacher, x, self.device, self.amp, self.channels)
@@ -134,15 +155,17 @@ class TeacherTargets:
         return total / 8
 
     def __call__(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
-        """Targets (B, channels, S, S) float32 for the augmented batch x (rows meta.index, views meta.ops)."""
+        """Targets (B, channels, S, S) float32 for the augmented batch x (rows meta.index, crop positions
+        meta.view, views meta.ops)."""
         if self.maps is None:
             return self._mean8(x) if self.mode == "mean8" else self._maps(x)
         store = self.maps.device
         index = meta.index.to(store)
+        pos = torch.zeros_like(index) if meta.view is None else meta.view.to(store)
         if self.mode == "mean8":
-            target = self.maps[index, 0].to(self.device, non_blocking=True).float()
+            target = self.maps[index, pos].to(self.device, non_blocking=True).float()
             return target if meta.ops is None else dihedral(target, meta.ops.to(target.device))
-        view = torch.zeros_like(index) if meta.ops is None else meta.ops.to(store)
+        view = pos * self.views + (0 if meta.ops is None else meta.ops.to(store))
         missing = (~self.known[index, view]).nonzero(as_tuple=True)[0]
         if missing.numel():
             fresh = self._maps(x[missing.to(x.device)])

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ikdmil.data.scale import spread_starts
 from ikdmil.device import Distributed
 from ikdmil.errors import IkdmilError
 from ikdmil.io import atomic_path, write_text
@@ -62,12 +63,68 @@ class Augmenter:
         return dihedral(x, ops), ops
 
 
+#: training crop origins lie at most input_size // CROP_GRID px apart (a grid, so that the teacher's map
+#: of a crop can be cached per crop position: `ikdmil.engine.distill.TeacherTargets`)
+CROP_GRID = 8
+
+
+class Cropper:
+    """Random square crops of `size` px of each canvas image (`ikdmil.data.dataset`), from its own
+    seeded generator (so resume reproduces them).
+
+    An image's crop origins are a grid (`spread_starts`, at most size / CROP_GRID apart, the last flush
+    with the image's end); a crop is drawn uniformly among its image's positions. A crop never leaves
+    the image where the image is at least `size` long, so white canvas padding enters a crop only along
+    a side where the image itself is shorter than `size`; the losses then see it as the image's
+    background (it is not masked out: the MIL target of a positive covers it, as it covers an image's
+    own white lumen and glass). `views` is the largest number of positions of any image; position p of
+    an image is `iy * nx + ix`.
+    """
+
+    def __init__(self, sizes: np.ndarray, size: int, seed: int):
+        step = max(1, size // CROP_GRID)
+        self.size = size
+        self.starts = [(spread_starts(int(h), size, step), spread_starts(int(w), size, step)) for h, w in sizes]
+        self.views = max((len(ys) * len(xs) for ys, xs in self.starts), default=1)
+        self.gen = torch.Generator().manual_seed(seed + 104723)
+
+    def offsets(self, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        """(B,2) crop origins (y, x) of positions `view` of images `index`."""
+        out = []
+        for i, v in zip(index.tolist(), view.tolist()):
+            ys, xs = self.starts[i]
+            out.append((ys[v // len(xs)], xs[v % len(xs)]))
+        return torch.tensor(out, dtype=torch.long).view(-1, 2)
+
+    def draw(self, index: torch.Tensor) -> torch.Tensor:
+        """A random crop position per image of `index`."""
+        counts = torch.tensor([len(self.starts[i][0]) * len(self.starts[i][1]) for i in index.tolist()])
+        return (torch.rand(len(counts), generator=self.gen) * counts).long().clamp(max=counts - 1)
+
+    def __call__(self, x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(crops (B,C,size,size), positions (B,), origins (B,2)) of the canvas batch x of rows `index`."""
+        view = self.draw(index)
+        offsets = self.offsets(index, view)
+        return crop_batch(x, offsets, self.size), view, offsets
+
+
+def crop_batch(x: torch.Tensor, offsets: torch.Tensor | None, size: int) -> torch.Tensor:
+    """The (B,C,size,size) windows of (B,C,H,W) `x` at `offsets` (B,2) (y, x); x itself when it is
+    already size x size."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return torch.stack([x[i, :, y:y + size, x0:x0 + size] for i, (y, x0) in enumerate(offsets.tolist())])
+
+
 @dataclass
 class BatchMeta:
-    """Which dataset rows a batch holds and how each was augmented."""
+    """Which dataset rows a batch holds, which crop of each (position `view`, canvas origin `offsets`)
+    and how each was augmented."""
 
     index: torch.Tensor
     ops: torch.Tensor | None
+    view: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
 
 
 #: a training step: (images, labels, batch meta) -> its losses; it does forward, backward and update
@@ -147,15 +204,20 @@ def run_epoch(
     augment: Augmenter,
     desc: str,
     progress: bool,
+    crop: Cropper | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader`; `step(x, y, meta)` does forward/backward/update and returns its losses."""
+    """One pass over `loader` (canvas images): a random crop of each (`crop`), its augmentation, then
+    `step(x, y, meta)` does forward/backward/update and returns its losses."""
     totals: dict[str, float] = {}
     n = 0
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for x, y, index in bar:
+        view = offsets = None
+        if crop is not None:
+            x, view, offsets = crop(x, index)
         x, ops = augment(x.to(device, non_blocking=True))
         y = y.to(device, non_blocking=True)
-        losses = step(x, y, BatchMeta(index, ops))
+        losses = step(x, y, BatchMeta(index, ops, view, offsets))
         b = x.shape[0]
         n += b
         for k, v in losses.items():

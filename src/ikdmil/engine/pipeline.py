@@ -220,7 +220,7 @@ class Pipeline(TrainingRun):
         """One training epoch of the current phase; returns its mean losses."""
         loader = self.epoch_loader(self.sel.epochs_run)
         self.sel.epochs_run += 1
-        return run_epoch(step, loader, self.device, self.augment, desc, self.progress)
+        return run_epoch(step, loader, self.device, self.augment, desc, self.progress, self.crop)
 
     def checkpoint_state(self) -> dict:
         return {"phase": self.phase, "epoch": self.epoch, "teacher": self.teacher.state_dict(),
@@ -340,7 +340,7 @@ class Pipeline(TrainingRun):
         channels = len(self.teacher.side_heads) + 1 if cfg.kd_structure == "block" else 1
         targets = TeacherTargets(self.train_arrays.images, self.device, cfg.amp, cfg.batch_size * 2,
                                  views=8 if cfg.augment else 1, channels=channels, mode=cfg.teacher_target,
-                                 cache=cfg.teacher_cache)
+                                 cache=cfg.teacher_cache, crops=self.crop)
         if cfg.teacher_cache and not targets.cached:
             self.info("teacher maps do not fit in memory: the teacher runs live in every step")
         targets.refresh(self.teacher)

@@ -1,12 +1,13 @@
 """What every training method shares: one run directory with its data, loader, checkpoint and results.
 
-`TrainingRun` owns the parts of a run that do not depend on the method: the train/val/test
-caches, the (GPU-resident or DataLoader) training loader and its augmentation, model creation,
-the metrics log, atomic checkpoints with every RNG state, validation scoring and, at the end,
-`finish`: the model for `predict` is picked on the validation split, every model file is scored on
-the test split, and `results.json` is written. A method subclasses it and adds its phases (see
-`ikdmil.engine.pipeline.Pipeline` for IKD, `ikdmil.methods.base.SegRun` for the comparison rows);
-`ikdmil.methods` names the methods.
+`TrainingRun` owns the parts of a run that do not depend on the method: the model's scale (from
+the training data's mpp, `ikdmil.data.scale`, logged once and stored in every model file), the
+train/val/test caches at that scale, the (GPU-resident or DataLoader) training loader, its random
+crops (`Cropper`) and augmentation, model creation, the metrics log, atomic checkpoints with every
+RNG state, validation scoring and, at the end, `finish`: the model for `predict` is picked on the
+validation split, every model file is scored on the test split, and `results.json` is written. A
+method subclasses it and adds its phases (see `ikdmil.engine.pipeline.Pipeline` for IKD,
+`ikdmil.methods.base.SegRun` for the comparison rows); `ikdmil.methods` names the methods.
 
 Training masks: the training split is cached *without* its masks (`reads_train_masks = False`), so
 a weakly supervised method cannot read them even by mistake, and its training mask files are never
@@ -31,9 +32,18 @@ from ikdmil import __version__
 from ikdmil.config import RESUME_MAY_CHANGE, RunConfig, resume_conflicts
 from ikdmil.data.dataset import CachedArrays, PatchDataset, build_cache
 from ikdmil.data.manifest import load_samples, select_split
+from ikdmil.data.scale import choose_scale
 from ikdmil.device import fits_on_device, setup_distributed
 from ikdmil.engine.evaluate import evaluate_model, predict_fused
-from ikdmil.engine.loop import Augmenter, MemoryLoader, MetricsLog, make_loader, save_checkpoint, set_loader_epoch
+from ikdmil.engine.loop import (
+    Augmenter,
+    Cropper,
+    MemoryLoader,
+    MetricsLog,
+    make_loader,
+    save_checkpoint,
+    set_loader_epoch,
+)
 from ikdmil.errors import IkdmilError
 from ikdmil.io import remove_stale_temps, write_text
 from ikdmil.losses import mil_loss
@@ -110,6 +120,11 @@ class TrainingRun:
         self.val_samples = select_split(samples, "val", cfg.data, need_both=False)
         self.test_samples = [s for s in samples if s.split == "test"]
         cache = cfg.cache_dir or None
+        self.scale = choose_scale(self.train_samples, cfg.input_size, cfg.model_mpp)
+        self.info(f"model scale: {self.scale.describe()}; images rescaled isotropically, {cfg.input_size} px crops")
+        if self.scale.factor > 0 and self.scale.mpp <= 0:
+            self.info("note: the training data has no mpp column, so the model's µm/px stays unknown (predict then "
+                      "needs --model-mpp); prepare the data with ikdmil prepare or fill the manifest's mpp column")
         if not self.dist.is_main:
             self.dist.barrier()  # rank 0 builds the preprocessing cache, the others then read it
         train = self.train_samples
@@ -125,7 +140,7 @@ class TrainingRun:
             self.info("note: some validation positives have no mask; model selection uses the validation MIL loss")
 
     def _cache(self, samples, cache: str | None, desc: str) -> CachedArrays:
-        return build_cache(samples, self.cfg.input_size, cache, self.progress, desc)
+        return build_cache(samples, self.cfg.input_size, cache, self.progress, desc, self.scale)
 
     # ----------------------------------------------------------------- building blocks
     def info(self, msg: str) -> None:
@@ -166,6 +181,7 @@ class TrainingRun:
             self.loader, self.loader_gen = make_loader(PatchDataset(self.train_arrays), cfg.batch_size, True,
                                                        cfg.seed, cfg.workers, self.device, self.dist)
         self.augment = Augmenter(cfg.seed, cfg.augment)
+        self.crop = Cropper(self.train_arrays.sizes, cfg.input_size, cfg.seed)
 
     def epoch_loader(self, epochs_run: int):
         """The loader, reshuffled for the `epochs_run`-th epoch of the whole run (DistributedSampler)."""
@@ -177,8 +193,8 @@ class TrainingRun:
 
     def save_model_file(self, model: MILSegmenter, name: str, **meta) -> None:
         if self.dist.is_main:
-            if self.cfg.model_mpp > 0:  # lets `predict` read slides at the training resolution
-                meta.setdefault("mpp", self.cfg.model_mpp)
+            for key, value in self.scale.meta().items():  # mpp lets `predict` read slides at the model's scale
+                meta.setdefault(key, value)
             meta.setdefault("method", self.cfg.method)
             stain = self.stain_meta()
             if stain is not None:  # lets `predict` warn about slides stained unlike the training data
@@ -203,10 +219,12 @@ class TrainingRun:
             summary, _, _ = evaluate_model(model, self.val_arrays, self.device, cfg.eval_sigma, cfg.threshold,
                                            cfg.batch_size * 2, cfg.amp, distances=False)
             return float(summary["f1"])
-        probs = predict_fused(model, self.val_arrays.images, self.device, cfg.batch_size * 2, cfg.amp)
-        labels = torch.from_numpy(np.asarray(self.val_arrays.labels))
-        fused = torch.from_numpy(probs)[:, None]
-        return -float(mil_loss(MILOutput(sides=[], fused=fused), labels))
+        arrays = self.val_arrays
+        probs = predict_fused(model, arrays, self.device, cfg.batch_size * 2, cfg.amp)
+        labels = torch.from_numpy(np.asarray(arrays.labels))
+        losses = [float(mil_loss(MILOutput(sides=[], fused=torch.from_numpy(arrays.valid(i, p).copy())[None, None]),
+                                 labels[i:i + 1])) for i, p in enumerate(probs)]  # each whole image, no padding
+        return -float(np.mean(losses))
 
     def validation_fields(self, model: MILSegmenter) -> dict:
         """A validation point for metrics.csv: `val_score` (the score selection uses), `val_f1` (when
@@ -230,11 +248,13 @@ class TrainingRun:
         """Every RNG a resumed run must continue: torch (CPU, and this rank's GPU), loader, augmentation."""
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return {"torch": torch.get_rng_state(), "cuda": cuda, "loader": self.loader_gen.get_state(),
-                "aug": self.augment.gen.get_state()}
+                "aug": self.augment.gen.get_state(), "crop": self.crop.gen.get_state()}
 
     def restore_rng(self, rng: dict) -> None:
         self.loader_gen.set_state(rng["loader"])
         self.augment.gen.set_state(rng["aug"])
+        if rng.get("crop") is not None:
+            self.crop.gen.set_state(rng["crop"])
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)

@@ -268,6 +268,7 @@ def write_pseudo_mask_figure(plan, backbone: str, n: int = 4) -> Path | None:
     """`plots/<backbone>-pseudo-masks.png` for the first seed that has the runs (None when none has)."""
     from ikdmil.data.dataset import build_cache
     from ikdmil.data.manifest import load_samples, select_split
+    from ikdmil.data.scale import scale_for_model
     from ikdmil.device import resolve_device
     from ikdmil.engine.evaluate import predict_fused
     from ikdmil.models.checkpoint import load_model
@@ -278,14 +279,17 @@ def write_pseudo_mask_figure(plan, backbone: str, n: int = 4) -> Path | None:
     seed, cols = found
     cfg = plan.base
     samples = select_split(load_samples(cfg.data), "val", cfg.data, need_both=False)
-    arrays = build_cache(samples, cfg.input_size, cfg.cache_dir or None, progress=False)
+    device = resolve_device(cfg.device)
+    names = sorted(cols, key=lambda k: (not k.endswith("pseudo-mask"), k != "MIL teacher", k))
+    models = {name: load_model(file, device) for name, (kind, file) in cols.items() if kind != "mask"}
+    meta = next(iter(models.values()))[1] if models else {}  # every run of a seed shares the data's scale
+    arrays = build_cache(samples, cfg.input_size, cfg.cache_dir or None, progress=False,
+                         scale=scale_for_model(meta, samples, cfg.input_size))
     labels = np.asarray(arrays.labels)
     order = [i for i in np.argsort(-labels, kind="stable") if arrays.has_mask[i]][:n]
     if not order:
         return None
-    device = resolve_device(cfg.device)
     columns = []
-    names = sorted(cols, key=lambda k: (not k.endswith("pseudo-mask"), k != "MIL teacher", k))
     for name in names:
         kind, file = cols[name]
         if kind == "mask":
@@ -294,8 +298,7 @@ def write_pseudo_mask_figure(plan, backbone: str, n: int = 4) -> Path | None:
                 continue
             maps = maps[order].astype(np.float32)
         else:
-            model, _ = load_model(file, device)
-            maps = predict_fused(model, np.asarray(arrays.images[order]), device)
+            maps = predict_fused(models[name][0], arrays, device)[order]
         columns.append((name, maps))
     images = np.asarray(arrays.images[order])
     truths = np.asarray(arrays.masks[order], np.float32)

@@ -10,8 +10,9 @@ the checkpoint is read, so a resumed run draws the same random numbers as an uni
 
 `train_segnet` is the phase of OEEM, OAA, PistoSeg and `supervised-unet`: the shared `SegNet`
 (`ikdmil.models.segnet`) trained on per-image targets (pseudo-masks, or the pixel masks for the
-supervised reference) with the method's loss; the targets are augmented with the images (the same
-dihedral op), the best epoch on validation is kept and written to `segnet.safetensors` (role
+supervised reference) with the method's loss; per-image targets live on the split's canvas at the
+model's scale and are cropped and augmented with the images (the same crop, the same dihedral op),
+the best epoch on validation is kept and written to `segnet.safetensors` (role
 `segnet`), which `finish` scores on test and copies to `model.safetensors`.
 
 The new layers (decoder, classifier head) train at `lr x head_lr_scale`, the encoder at `lr`: the
@@ -37,7 +38,7 @@ from torch import nn
 
 from ikdmil.config import RunConfig
 from ikdmil.device import autocast
-from ikdmil.engine.loop import BatchMeta, Step, Timer, dihedral, load_checkpoint, run_epoch
+from ikdmil.engine.loop import BatchMeta, Step, Timer, crop_batch, dihedral, load_checkpoint, run_epoch
 from ikdmil.engine.pipeline import Best
 from ikdmil.engine.run import TrainingRun
 from ikdmil.models.checkpoint import load_state_checked
@@ -168,15 +169,17 @@ class SegRun(TrainingRun):
     def next_epoch(self, step: Step, desc: str) -> dict[str, float]:
         loader = self.epoch_loader(self.epochs_run)
         self.epochs_run += 1
-        return run_epoch(step, loader, self.device, self.augment, desc, self.progress)
+        return run_epoch(step, loader, self.device, self.augment, desc, self.progress, self.crop)
 
     def validation_due(self, epoch: int, epochs: int) -> bool:
         return epoch % self.cfg.val_every == 0 or epoch == epochs
 
     # ----------------------------------------------------------------- the segmentation network
     def batch_targets(self, targets: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
-        """The rows `meta.index` of per-image (N,1,S,S) targets, augmented like the batch, float32."""
-        t = targets[meta.index.to(targets.device)].to(self.device).float()
+        """The rows `meta.index` of per-image (N,1,H,W) canvas targets, cropped and augmented like the
+        batch, float32."""
+        t = targets[meta.index.to(targets.device)]
+        t = crop_batch(t, meta.offsets, self.cfg.input_size).to(self.device).float()
         return dihedral(t, meta.ops) if meta.ops is not None else t
 
     def segnet_optimizer(self, net: SegNet) -> torch.optim.Optimizer:
@@ -231,7 +234,7 @@ class SegRun(TrainingRun):
 
     @torch.no_grad()
     def predict_maps(self, net: nn.Module, images) -> torch.Tensor:
-        """(N,S,S) float32 CPU fused maps of `net` (eval mode) for uint8 (N,S,S,3) images."""
+        """(N,H,W) float32 CPU fused maps of `net` (eval mode) for a split's `CachedArrays`, whole images."""
         from ikdmil.engine.evaluate import predict_fused
 
         cfg = self.cfg

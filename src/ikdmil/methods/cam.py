@@ -32,6 +32,7 @@ every model.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -41,6 +42,7 @@ from torch import nn
 
 from ikdmil.data.dataset import CachedArrays
 from ikdmil.device import autocast
+from ikdmil.engine.evaluate import tile_batches
 from ikdmil.engine.loop import BatchMeta, Step
 from ikdmil.io import atomic_path
 from ikdmil.losses import bce_loss
@@ -222,38 +224,53 @@ class CamRun(SegRun):
 
     @torch.no_grad()
     def classifier_accuracy(self, arrays: CachedArrays) -> float:
-        logits = self.classifier_logits(arrays.images)
+        logits = self.classifier_logits(arrays)
         return float(((logits > 0).numpy() == (np.asarray(arrays.labels) == 1)).mean())
 
     @torch.no_grad()
-    def classifier_logits(self, images) -> torch.Tensor:
-        """(N,) float32 CPU logits of uint8 (N,S,S,3) images (classifier in eval mode)."""
+    def classifier_logits(self, arrays: CachedArrays) -> torch.Tensor:
+        """(N,) float32 CPU logits of a split's whole images: the mean of the logits of each image's tiles
+        (one tile, the image itself, when it is input_size square); classifier in eval mode."""
         net = self.nets["classifier"]
-        return self._classifier_pass(images, lambda x: net(x)[0])[:, 0, 0]
+        sums = torch.zeros(len(arrays.labels), dtype=torch.float64)
+        counts = torch.zeros(len(arrays.labels), dtype=torch.float64)
+        with self._eval(net):
+            for chunk, x in tile_batches(arrays.images, arrays.sizes, arrays.tile, self.cfg.batch_size * 2):
+                index = torch.tensor([i for i, _, _ in chunk])
+                sums.index_add_(0, index, self._on_device(lambda t: net(t)[0], x).double())
+                counts.index_add_(0, index, torch.ones(len(chunk), dtype=torch.float64))
+        return (sums / counts.clamp(min=1)).float()
 
     @torch.no_grad()
-    def cam_maps(self, images) -> torch.Tensor:
-        """(N,S,S) float32 CPU normalised CAMs of uint8 (N,S,S,3) images (classifier in eval mode)."""
-        net = self.nets["classifier"]
-        return self._classifier_pass(images, lambda x: net.cams(x)[:, 0])
+    def cam_maps(self, arrays: CachedArrays) -> torch.Tensor:
+        """(N,H,W) float32 CPU normalised CAMs of a split's whole images: the raw CAMs of the tiles,
+        upsampled and blended, then per image relu / max over the image (0 on canvas padding)."""
+        from ikdmil.engine.evaluate import tiled_maps
 
-    def _classifier_pass(self, images, fn) -> torch.Tensor:
         net = self.nets["classifier"]
+        with self._eval(net):
+            raw = tiled_maps(lambda x: self._on_device(lambda t: F.interpolate(
+                net.forward_with_cam(t)[1].float(), size=t.shape[-2:], mode="bilinear", align_corners=False)[:, 0], x),
+                arrays.images, arrays.sizes, arrays.tile, self.cfg.batch_size * 2)
+        m = torch.from_numpy(raw).clamp(min=0)
+        peak = m.amax(dim=(1, 2), keepdim=True)
+        return torch.where(peak > 1e-12, m / peak.clamp(min=1e-12), torch.zeros_like(m))
+
+    def _on_device(self, fn, x: torch.Tensor) -> torch.Tensor:
+        """`fn` of the uint8 CPU batch x on the run's device (channels_last, autocast), as float32 CPU."""
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.cfg.amp):
+            y = fn(x)
+        return y.float().cpu()
+
+    @contextlib.contextmanager
+    def _eval(self, net: nn.Module):
         was = net.training
         net.eval()
-        out = []
         try:
-            bs = self.cfg.batch_size * 2
-            for start in range(0, len(images), bs):
-                x = torch.from_numpy(np.array(images[start:start + bs])).permute(0, 3, 1, 2).to(self.device)
-                x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(self.device, self.cfg.amp):
-                    y = fn(x)
-                y = y.float().cpu()
-                out.append(y.view(-1, 1, 1) if y.dim() == 1 else y)
+            yield
         finally:
             net.train(was)
-        return torch.cat(out) if out else torch.zeros(0, 1, 1)
 
     def make_pseudo_masks(self, train_maps: torch.Tensor, val_maps: torch.Tensor, what: str) -> None:
         """Threshold (chosen on validation) -> `maps["pseudo"]` for the training images, the validation

@@ -3,9 +3,10 @@
 While the CAM classifier trains, each training image's attention map is accumulated across epochs by
 element-wise maximum: `A_i <- max(A_i, CAM_i)`, where `CAM_i` is the normalised CAM
 (`ikdmil.methods.cam.normalise_cam`) from the very forward pass that trains on the image. The image
-reaches the network flipped / rotated by the run's augmentation, so its CAM is first mapped back to
-the image's canonical orientation (`dihedral_inverse` of the batch's op) and the maximum is always
-taken in one frame (`MaxAccumulator`). As the classifier shifts its attention from one
+reaches the network as a random crop, flipped / rotated by the run's augmentation, so its CAM
+(normalised over the crop) is first mapped back to the image's canonical orientation
+(`dihedral_inverse` of the batch's op) and the maximum is taken in the image's frame, at the crop's
+place (`MaxAccumulator`). As the classifier shifts its attention from one
 discriminative region to another over training, the maximum collects them all: the "integral
 object". The accumulated maps are thresholded (on validation, see `ikdmil.methods.cam`) into the
 pseudo-masks of the training images, and the shared `SegNet` is trained on them with per-pixel BCE
@@ -45,23 +46,29 @@ from ikdmil.methods.registry import register_method
 class MaxAccumulator:
     """Element-wise maximum of each image's maps over epochs, in the image's canonical orientation.
 
-    `maps` is (N,S,S) float32 on the CPU, zeros at the start (CAMs are >= 0).
+    `maps` is (N,H,W) float32 on the CPU (the split's canvas; `size` an int for square S x S), zeros at
+    the start (CAMs are >= 0). A training batch holds crops: each crop's map goes to its place.
     """
 
-    def __init__(self, n: int, size: int, maps: torch.Tensor | None = None):
-        self.maps = maps if maps is not None else torch.zeros(n, size, size)
+    def __init__(self, n: int, size: int | tuple[int, int], maps: torch.Tensor | None = None):
+        h, w = (size, size) if isinstance(size, int) else size
+        self.maps = maps if maps is not None else torch.zeros(n, h, w)
 
     def update(self, index: torch.Tensor, cams: torch.Tensor, ops: torch.Tensor | None = None,
-               keep: torch.Tensor | None = None) -> None:
-        """Fold in (B,1,S,S) CAMs of dataset rows `index`, seen under dihedral `ops` (None: unaugmented);
-        `keep` (B,) bool: only those rows (None: all)."""
+               keep: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> None:
+        """Fold in (B,1,s,s) CAMs of dataset rows `index`, seen under dihedral `ops` (None: unaugmented)
+        at canvas origins `offsets` (B,2) (None: whole maps); `keep` (B,) bool: only those rows (None: all)."""
         if ops is not None:
             cams = dihedral_inverse(cams, ops)
         idx, cams = index.cpu().long(), cams[:, 0].float().cpu()
+        if offsets is None:
+            offsets = torch.zeros(len(idx), 2, dtype=torch.long)
         if keep is not None:
             keep = keep.cpu().bool()
-            idx, cams = idx[keep], cams[keep]
-        self.maps[idx] = torch.maximum(self.maps[idx], cams)
+            idx, cams, offsets = idx[keep], cams[keep], offsets[keep]
+        s0, s1 = cams.shape[-2:]
+        for i, cam, (y, x) in zip(idx.tolist(), cams, offsets.tolist()):
+            self.maps[i, y:y + s0, x:x + s1] = torch.maximum(self.maps[i, y:y + s0, x:x + s1], cam)
 
     def all_reduce(self, device: torch.device) -> None:
         """Combine the ranks' maps (each rank saw its own shard) by their maximum."""
@@ -89,9 +96,8 @@ class OAARun(CamRun):
     def build(self) -> None:
         self.build_classifier()
         self.nets["segnet"] = self.new_segnet(1)
-        size = self.cfg.input_size
-        self.acc_train = MaxAccumulator(len(self.train_arrays.labels), size)
-        self.acc_val = MaxAccumulator(len(self.val_arrays.labels), size)
+        self.acc_train = MaxAccumulator(len(self.train_arrays.labels), self.train_arrays.images.shape[1:3])
+        self.acc_val = MaxAccumulator(len(self.val_arrays.labels), self.val_arrays.images.shape[1:3])
 
     def _restore(self) -> None:
         super()._restore()
@@ -99,18 +105,19 @@ class OAARun(CamRun):
             self.acc_train.maps, self.acc_val.maps = self.maps["oaa_train"], self.maps["oaa_val"]
 
     def on_cams(self, raw: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, size, meta: BatchMeta) -> None:
-        self.acc_train.update(meta.index, normalise_cam(raw, size), meta.ops, keep=correct(logits, labels))
+        self.acc_train.update(meta.index, normalise_cam(raw, size), meta.ops, keep=correct(logits, labels),
+                              offsets=meta.offsets)
 
     def on_classifier_epoch(self) -> None:
         self.acc_train.all_reduce(self.device)
-        val, labels = self.cam_maps(self.val_arrays.images), torch.as_tensor(self.val_arrays.labels)
-        keep = correct(self.classifier_logits(self.val_arrays.images), labels)
+        val, labels = self.cam_maps(self.val_arrays), torch.as_tensor(self.val_arrays.labels)
+        keep = correct(self.classifier_logits(self.val_arrays), labels)
         self.acc_val.update(torch.arange(len(val)), val[:, None], keep=keep)
         self.maps["oaa_train"], self.maps["oaa_val"] = self.acc_train.maps, self.acc_val.maps
 
     def phase_pseudo(self) -> None:
-        train = with_fallback(self.acc_train.maps, self.cam_maps(self.train_arrays.images))
-        val = with_fallback(self.acc_val.maps, self.cam_maps(self.val_arrays.images))
+        train = with_fallback(self.acc_train.maps, self.cam_maps(self.train_arrays))
+        val = with_fallback(self.acc_val.maps, self.cam_maps(self.val_arrays))
         self.make_pseudo_masks(train, val, "accumulated attention (OAA)")
 
 

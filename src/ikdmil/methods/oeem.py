@@ -46,7 +46,7 @@ class OEEMRun(CamRun):
         self.nets["segnet"] = self.new_segnet(1)
 
     def phase_pseudo(self) -> None:
-        self.make_pseudo_masks(self.cam_maps(self.train_arrays.images), self.cam_maps(self.val_arrays.images),
+        self.make_pseudo_masks(self.cam_maps(self.train_arrays), self.cam_maps(self.val_arrays),
                                "CAM")
 
 

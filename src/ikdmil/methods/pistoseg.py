@@ -161,18 +161,23 @@ class PistoSegRun(CamRun):
         self.generators["mosaic"] = torch.Generator().manual_seed(self.cfg.seed + 104729)
 
     def phase_pseudo(self) -> None:
-        self.maps["cam_train"] = self.cam_maps(self.train_arrays.images).half()
-        self.maps["cam_val"] = self.cam_maps(self.val_arrays.images).half()
+        self.maps["cam_train"] = self.cam_maps(self.train_arrays).half()
+        self.maps["cam_val"] = self.cam_maps(self.val_arrays).half()
 
     def mosaic_step(self, view, opt: torch.optim.Optimizer) -> Step:
         cfg, device, gen = self.cfg, self.device, self.generators["mosaic"]
         labels = np.asarray(self.train_arrays.labels)
-        images = self.train_arrays.images
+        arrays, size = self.train_arrays, cfg.input_size
         pos_idx, neg_idx = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-        pos = [images[i] for i in pos_idx]
-        neg = [images[i] for i in neg_idx]
+
+        def part(a, i):  # the image's part of the canvas (at least a mosaic's size: cells fit)
+            h, w = arrays.sizes[i]
+            return a[:max(h, size), :max(w, size)]
+
+        pos = [part(arrays.images[i], i) for i in pos_idx]
+        neg = [part(arrays.images[i], i) for i in neg_idx]
         cams = self.maps["cam_train"].float().numpy()
-        pos_maps = [cams[i] for i in pos_idx]
+        pos_maps = [part(cams[i], i) for i in pos_idx]
         scale = cfg.consistency_scale
 
         def step(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta) -> dict[str, float]:
@@ -206,8 +211,8 @@ class PistoSegRun(CamRun):
 
     def phase_refine(self) -> None:
         net = self.nets["mosaic"]
-        train = (self.maps["cam_train"].float() + self.predict_maps(net, self.train_arrays.images)) / 2
-        val = (self.maps["cam_val"].float() + self.predict_maps(net, self.val_arrays.images)) / 2
+        train = (self.maps["cam_train"].float() + self.predict_maps(net, self.train_arrays)) / 2
+        val = (self.maps["cam_val"].float() + self.predict_maps(net, self.val_arrays)) / 2
         self.make_pseudo_masks(train, val, "CAM refined by the mosaic network (PistoSeg)")
 
 

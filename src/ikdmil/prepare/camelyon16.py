@@ -361,6 +361,11 @@ def _choose(slides: list[_Slide], scans: dict[str, dict], opts: Camelyon16Option
 # ------------------------------------------------------------------------------------------- extraction
 
 
+def patch_resolution(scan: dict) -> float:
+    """µm/px of a slide's patches: the slide's level-0 µm/px times the read downsample (level or --mpp)."""
+    return round(scan["mpp"][0] * scan["downsample"], 4)
+
+
 def _extract(s: _Slide, scan: dict, patches: list, opts: Camelyon16Options, out: Path, bar) -> list[dict]:
     from ikdmil.slide.tissue import draw_polygons
 
@@ -370,6 +375,7 @@ def _extract(s: _Slide, scan: dict, patches: list, opts: Camelyon16Options, out:
     slide = open_slide(s.path)
     span, P = scan["span"], opts.patch_size
     ext = opts.image_format
+    patch_mpp = patch_resolution(scan)
 
     def one(p):
         x, y, label, bg, tf = p
@@ -390,7 +396,7 @@ def _extract(s: _Slide, scan: dict, patches: list, opts: Camelyon16Options, out:
             write_png(out / mask_rel, mask)
             tf = float(mask.mean())
         bar.update(1)
-        return {"image": image_rel, "label": int(label), "mask": mask_rel, "split": s.split,
+        return {"image": image_rel, "label": int(label), "mask": mask_rel, "split": s.split, "mpp": patch_mpp,
                 "slide": s.name, "x": x, "y": y, "background": bg, "tumour_fraction": round(tf, 4)}
 
     try:
@@ -450,7 +456,7 @@ def _summary(slides: list, scans: dict, chosen: dict, opts: Camelyon16Options, s
         "grid_patches_per_slide": candidates,
         "patch_level0_size": {s.name: scans[s.name]["span"] for s in slides},
         # µm/px of the patches (slide mpp x downsample): what a model trained on them should store as "mpp"
-        "patch_mpp": {s.name: round(scans[s.name]["mpp"][0] * scans[s.name]["downsample"], 4) for s in slides},
+        "patch_mpp": {s.name: patch_resolution(scans[s.name]) for s in slides},
         "protocol": (
             f"{opts.patch_size} px patches at "
             + (f"{opts.mpp} µm/px" if opts.mpp is not None else f"level {opts.level}")

@@ -10,7 +10,6 @@ is refused (the outputs would mix). The manifest and the summary are written las
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import re
@@ -20,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ikdmil.data.manifest import MANIFEST_NAME, SPLITS, Sample, write_manifest
+from ikdmil.data.scale import spread_starts
 from ikdmil.errors import IkdmilError
 from ikdmil.io import atomic_path, write_png, write_text
 
@@ -127,10 +127,7 @@ def files_by_stem(folder: Path, suffixes) -> dict[str, Path]:
 
 def crop_positions(length: int, crop: int) -> list[int]:
     """Crop origins covering [0, length): evenly spread, the last one flush with the end."""
-    if length <= crop:
-        return [0]
-    n = math.ceil(length / crop)
-    return [round(i * (length - crop) / (n - 1)) for i in range(n)]
+    return spread_starts(length, crop, crop)
 
 
 def split_by_class(items: list[tuple[str, bool]], val: float, test: float, seed: int) -> dict[str, str]:

@@ -15,6 +15,11 @@ images' resolution `mpp`, default 0.5 µm/px) are dropped. Images are split into
 image (all crops of an image in one split), `val_fraction` / `test_fraction` of the images with
 tumour and of those without, deterministically from `seed`.
 
+Resolution: the release's images carry no µm/px. DigestPath 2019's tissue images were scanned at 20x,
+so `mpp` defaults to 0.5 µm/px, the nominal 20x value (not a measured one); pass your scanner's value
+with ``--mpp`` when you know it. Crops are written at the images' resolution, so every manifest row
+gets ``mpp`` = `mpp`, from which training derives the model's µm/px.
+
 Output: ``OUT/{split}/{pos,neg}/NAME_xX_yY.png``, ``OUT/{split}/masks/...png``, ``OUT/manifest.csv``
 and ``OUT/digestpath_summary.json``. Resumable (see `ikdmil.prepare.common`).
 """
@@ -166,7 +171,8 @@ def _process(name: str, image: Path, mask_path: Path | None, split: str, opts: D
             if label:
                 mask_rel = f"{split}/masks/{stem}.png"
                 write_png(out / mask_rel, m)
-            recs.append({"image": image_rel, "label": label, "mask": mask_rel, "split": split, "source": name,
+            recs.append({"image": image_rel, "label": label, "mask": mask_rel, "split": split, "mpp": opts.mpp,
+                         "source": name,
                          "x": x, "y": y, "background": round(bg, 4), "tumour_fraction": round(tf, 4)})
     return recs
 

@@ -14,8 +14,8 @@ taken from ``train`` by patient (no patient in both train and val), deterministi
 the test split is never looked at when choosing them.
 
 Output: ``out/{train,val,test}/{pos,neg}/NAME.ext``, ``out/{split}/masks/NAME.png`` (0/255),
-``out/manifest.csv`` and ``out/glas_summary.json``. The folder is built as a sibling ``out.tmp-XXXX``
-and renamed to ``out`` only when everything succeeded.
+``out/manifest.csv`` (with ``mpp`` = `GLAS_MPP`) and ``out/glas_summary.json``. The folder is built
+as a sibling ``out.tmp-XXXX`` and renamed to ``out`` only when everything succeeded.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ from ikdmil.prepare.common import natural_key
 
 SUMMARY_NAME = "glas_summary.json"
 PREPARER_ID = "ikdmil.prepare.glas"
+#: µm/px of the GlaS images: the challenge scanned at 40x and released the images at 20x (0.62005 µm/px,
+#: Sirinukunwattana et al. 2017); written to the manifest so that training knows the model's resolution
+GLAS_MPP = 0.62
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 _COPY_SUFFIXES = (".jpg", ".jpeg", ".png")  # stored byte for byte; anything else becomes PNG
 _OFFICIAL_STEM = re.compile(r"^(train|testa|testb)_\d+$", re.IGNORECASE)
@@ -399,7 +402,7 @@ def _write_sample(record: _Record, split: str, root: Path) -> Sample:
     mask = glands if record.label == 1 else np.zeros((height, width), dtype=bool)
     mask_out = root / split / "masks" / f"{record.image.stem}.png"
     write_png(mask_out, mask)
-    return Sample(image_out, record.label, mask_out, split)
+    return Sample(image_out, record.label, mask_out, split, GLAS_MPP)
 
 
 def _summary(samples: list[Sample], patients: dict[str, set[str]], src_path: Path, layout: str,

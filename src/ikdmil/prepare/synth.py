@@ -17,7 +17,8 @@ must cope with:
 
 Drawing is vectorised (smooth noise by bicubic upsampling, nuclei rasterised as soft ellipses on small
 boxes and accumulated with ``np.bincount``), about 10-20 ms for a 256x256 patch.
-Sizes are in pixels at roughly 0.5 µm/px: a bigger patch shows more tissue, not bigger cells.
+Sizes are in pixels at roughly 0.5 µm/px (`SYNTH_MPP`, the value the manifest states for every image):
+a bigger patch shows more tissue, not bigger cells.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ikdmil.errors import IkdmilError
 from ikdmil.io import atomic_path, write_png, write_text
 
 GENERATOR_VERSION = 1
+SYNTH_MPP = 0.5  # µm/px the drawing's nuclei and glands are sized for (20x-like); recorded in the manifest
 MIN_SIZE = 32
 MIN_IMAGES = 6
 
@@ -701,7 +703,7 @@ def _write_images(out: Path, plan: list[tuple[str, int]], seed: int, size: int, 
             pending.append(pool.submit(_write_pair, img_path, image, mask_path, mask))
             while len(pending) > 4:  # bounded memory; also surfaces write errors early
                 pending.popleft().result()
-            samples.append(Sample(img_path, label, mask_path, split))
+            samples.append(Sample(img_path, label, mask_path, split, SYNTH_MPP))
         while pending:
             pending.popleft().result()
     return samples
