@@ -397,8 +397,8 @@ def _add_slide_dataset_options(g) -> None:
     g.add_argument("--mpp", type=number(float, above=0), default=None,
                    help="camelyon16: cut patches at this µm/px instead of --level (read from the nearest finer level "
                         "and downsampled); digestpath: the images' µm/px, written to the manifest and used for tissue "
-                        "detection (default 0.5, the nominal value of DigestPath 2019's 20x scans); regions: the µm/px of "
-                        "the images written (default 0.5)")
+                        "detection (default 0.5, the nominal value of DigestPath 2019's 20x scans); regions: the "
+                        "µm/px of the images written (default 0.5)")
     g.add_argument("--max-background", type=share, default=None,
                    help="drop patches with more background than this (0.8; regions too)")
     g.add_argument("--test-max-background", type=share, default=0.9,
