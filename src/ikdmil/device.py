@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -29,6 +30,39 @@ class Distributed:
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (any picklable object; waits as long as `OBJECT_WAIT`)."""
+        if self.world <= 1:
+            return obj
+        box = [obj if self.is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0, group=_object_group())
+        return box[0]
+
+    def gather(self, obj) -> list | None:
+        """Every rank's `obj`, in rank order, on rank 0 (None on the others); waits as long as `OBJECT_WAIT`."""
+        if self.world <= 1:
+            return [obj]
+        found = [None] * self.world if self.is_main else None
+        torch.distributed.gather_object(obj, found, dst=0, group=_object_group())
+        return found
+
+
+#: how long a rank waits for the others in `Distributed.broadcast` / `gather`: ranks of a cohort
+#: prediction finish their shares of slides hours apart, far beyond the default 10-30 min timeouts
+OBJECT_WAIT = timedelta(days=7)
+_OBJECT_GROUPS: dict = {}
+
+
+def _object_group():
+    """A gloo group for Python objects (CPU, long timeout) beside the default group, made once per process group.
+
+    Every rank makes it at its first `broadcast` / `gather`, which all ranks reach in the same order.
+    """
+    key = id(torch.distributed.group.WORLD)
+    if key not in _OBJECT_GROUPS:
+        _OBJECT_GROUPS[key] = torch.distributed.new_group(backend="gloo", timeout=OBJECT_WAIT)
+    return _OBJECT_GROUPS[key]
 
 
 def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
