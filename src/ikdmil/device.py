@@ -95,6 +95,17 @@ def autocast(device: torch.device, amp: bool):
     return contextlib.nullcontext()
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` without waiting for the GPU: host tensors are pinned first, then copied asynchronously.
+
+    A plain ``.to(cuda)`` of pageable memory waits for every queued kernel (a host sync); the training
+    loop moves its small per-step tensors (dataset indices, augmentation ops) with this instead.
+    """
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def fits_on_device(nbytes: int, device: torch.device, share: float = 0.4) -> bool:
     """Whether `nbytes` fit in `share` of the GPU's free memory (False on CPU)."""
     if device.type != "cuda":
