@@ -194,6 +194,7 @@ def run_epoch(
     for i, (x, y, index) in enumerate(bar, 1):
         x, ops, host_ops = augment(x.to(device, non_blocking=True))
         y = y.to(device, non_blocking=True)
+        torch.compiler.cudagraph_mark_step_begin()  # --compile-mode reduce-overhead: each step is a new graph replay
         losses = step(x, y, BatchMeta(index, ops, host_ops))
         b = x.shape[0]
         n += b

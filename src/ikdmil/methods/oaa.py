@@ -30,6 +30,9 @@ Where we differ from the paper, and why:
   classifier's CAM.
 - Under torchrun each rank accumulates the images of its shard; the ranks' maps are combined by an
   all-reduce maximum after every epoch.
+
+The training maps are accumulated on the device when they fit (`fits_on_device`), so a training
+step never waits for the GPU; in host memory otherwise (one device-to-host copy per step).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from __future__ import annotations
 import torch
 
 from ikdmil.config import RunConfig
+from ikdmil.device import fits_on_device, to_device
 from ikdmil.engine.loop import BatchMeta, dihedral_inverse
 from ikdmil.methods.cam import CamRun, normalise_cam
 from ikdmil.methods.registry import register_method
@@ -45,22 +49,26 @@ from ikdmil.methods.registry import register_method
 class MaxAccumulator:
     """Element-wise maximum of each image's maps over epochs, in the image's canonical orientation.
 
-    `maps` is (N,S,S) float32 on the CPU, zeros at the start (CAMs are >= 0).
+    `maps` is (N,S,S) float32 on `device` (default the CPU), zeros at the start (CAMs are >= 0).
     """
 
-    def __init__(self, n: int, size: int, maps: torch.Tensor | None = None):
-        self.maps = maps if maps is not None else torch.zeros(n, size, size)
+    def __init__(self, n: int, size: int, maps: torch.Tensor | None = None, device: torch.device | None = None):
+        self.maps = maps if maps is not None else torch.zeros(n, size, size, device=device)
+
+    def load(self, maps: torch.Tensor) -> None:
+        """Continue from `maps` (e.g. a checkpoint's CPU copy), kept where this accumulator keeps its maps."""
+        self.maps = maps.to(self.maps.device)
 
     def update(self, index: torch.Tensor, cams: torch.Tensor, ops: torch.Tensor | None = None,
                keep: torch.Tensor | None = None) -> None:
         """Fold in (B,1,S,S) CAMs of dataset rows `index`, seen under dihedral `ops` (None: unaugmented);
-        `keep` (B,) bool: only those rows (None: all)."""
+        `keep` (B,) bool: only those rows (None: all). No host read: rows left out fold in zeros."""
         if ops is not None:
             cams = dihedral_inverse(cams, ops)
-        idx, cams = index.cpu().long(), cams[:, 0].float().cpu()
+        cams = cams[:, 0].float()
         if keep is not None:
-            keep = keep.cpu().bool()
-            idx, cams = idx[keep], cams[keep]
+            cams = torch.where(keep.to(cams.device).bool().view(-1, 1, 1), cams, torch.zeros((), device=cams.device))
+        idx, cams = to_device(index.long(), self.maps.device), cams.to(self.maps.device)
         self.maps[idx] = torch.maximum(self.maps[idx], cams)
 
     def all_reduce(self, device: torch.device) -> None:
@@ -68,12 +76,12 @@ class MaxAccumulator:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             t = self.maps.to(device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            self.maps = t.cpu()
+            self.maps = t.to(self.maps.device)
 
 
 def correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(B,) bool: the classifier currently predicts the image's label (logit > 0 <=> tumour)."""
-    return (logits.detach().float().cpu() > 0) == (labels.cpu() == 1)
+    return (logits.detach().float() > 0) == (labels.to(logits.device) == 1)
 
 
 def with_fallback(accumulated: torch.Tensor, cams: torch.Tensor) -> torch.Tensor:
@@ -89,14 +97,16 @@ class OAARun(CamRun):
     def build(self) -> None:
         self.build_classifier()
         self.nets["segnet"] = self.new_segnet(1)
-        size = self.cfg.input_size
-        self.acc_train = MaxAccumulator(len(self.train_arrays.labels), size)
+        size, n = self.cfg.input_size, len(self.train_arrays.labels)
+        on_device = fits_on_device(4 * n * size * size, self.device, share=0.25)
+        self.acc_train = MaxAccumulator(n, size, device=self.device if on_device else None)
         self.acc_val = MaxAccumulator(len(self.val_arrays.labels), size)
 
     def _restore(self) -> None:
         super()._restore()
         if "oaa_train" in self.maps:  # the accumulators continue from the checkpoint
-            self.acc_train.maps, self.acc_val.maps = self.maps["oaa_train"], self.maps["oaa_val"]
+            self.acc_train.load(self.maps["oaa_train"])
+            self.acc_val.load(self.maps["oaa_val"])
 
     def on_cams(self, raw: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, size, meta: BatchMeta) -> None:
         self.acc_train.update(meta.index, normalise_cam(raw, size), meta.ops, keep=correct(logits, labels))
@@ -106,10 +116,10 @@ class OAARun(CamRun):
         val, labels = self.cam_maps(self.val_arrays.images), torch.as_tensor(self.val_arrays.labels)
         keep = correct(self.classifier_logits(self.val_arrays.images), labels)
         self.acc_val.update(torch.arange(len(val)), val[:, None], keep=keep)
-        self.maps["oaa_train"], self.maps["oaa_val"] = self.acc_train.maps, self.acc_val.maps
+        self.maps["oaa_train"], self.maps["oaa_val"] = self.acc_train.maps.cpu(), self.acc_val.maps  # CPU
 
     def phase_pseudo(self) -> None:
-        train = with_fallback(self.acc_train.maps, self.cam_maps(self.train_arrays.images))
+        train = with_fallback(self.acc_train.maps.cpu(), self.cam_maps(self.train_arrays.images))
         val = with_fallback(self.acc_val.maps, self.cam_maps(self.val_arrays.images))
         self.make_pseudo_masks(train, val, "accumulated attention (OAA)")
 
