@@ -9,6 +9,7 @@ import torch
 from fakes.models import TinyNet
 
 from ikdmil.device import Distributed
+from ikdmil.engine import loop
 from ikdmil.engine.distill import TeacherTargets, freeze, make_distill_step, student_optimizer
 from ikdmil.engine.loop import Augmenter, BatchMeta, MemoryLoader, dihedral, dihedral_inverse, run_epoch
 from ikdmil.engine.teacher import make_teacher_step, teacher_optimizer
@@ -129,6 +130,10 @@ def test_a_training_epoch_reads_the_losses_once_not_per_step(monkeypatch):
         run_epoch(step, loader, CPU, Augmenter(0, True), "test", progress=False)
         counts.append(reads.count - before)
     assert counts == [1, 1]  # one read per epoch (the loss sums), whatever the number of steps
+    monkeypatch.setattr(loop, "PROGRESS_EVERY", 2)
+    before = reads.count
+    run_epoch(step, loader, CPU, Augmenter(0, True), "test", progress=True)  # 6 steps, the bar every 2
+    assert reads.count - before == 1 + 3
 
 
 def test_a_nan_loss_at_any_step_stops_the_epoch_with_one_line():
