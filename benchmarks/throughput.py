@@ -4,7 +4,8 @@ For each batch size, measured side by side in one run:
 - `plain`: the straightforward path (NCHW memory, teacher run live on every batch in stage 2,
   DataLoader over the preprocessing cache);
 - `fast`: the default path (channels_last, teacher maps cached once per cycle, training set held
-  as uint8 on the device when it fits, bf16 autocast on CUDA; `--compile` adds torch.compile).
+  as uint8 on the device when it fits, bf16 autocast on CUDA; `--compile` adds torch.compile, in
+  `--compile-mode`: default here; auto = reduce-overhead (CUDA graphs) on CUDA, as `ikdmil train --compile`).
 Each is timed on steps only (a batch already on the device) and with data loading + augmentation.
 Achieved TFLOP/s counts the model's real FLOPs (forward measured with FlopCounterMode, backward
 taken as 2x forward); the fraction of peak uses the device's dense bf16 peak when known.
@@ -24,8 +25,9 @@ import torch
 from timing import timed  # benchmarks/timing.py
 from torch.utils.flop_counter import FlopCounterMode
 
+from ikdmil.config import COMPILE_MODES
 from ikdmil.data.dataset import CachedArrays, PatchDataset
-from ikdmil.device import fits_on_device, resolve_device
+from ikdmil.device import compile_mode_for, fits_on_device, resolve_device
 from ikdmil.engine.distill import TeacherTargets, freeze, make_distill_step, student_optimizer
 from ikdmil.engine.loop import Augmenter, BatchMeta, MemoryLoader, make_loader
 from ikdmil.engine.teacher import make_teacher_step, teacher_optimizer
@@ -48,12 +50,15 @@ def forward_flops(model, size: int, device) -> float:
     return float(counter.get_total_flops())
 
 
-def build(backbone: str, device, fast: bool, compile_: bool, mode: str = "default"):
+def build(backbone: str, device, fast: bool, compile_mode: str | None):
+    """The model on `device`; compiled in `compile_mode` (a RunConfig.compile_mode) on the fast path."""
     torch.manual_seed(0)
     model, _ = create_model(backbone, pretrained="none")
     fmt = torch.channels_last if fast else torch.contiguous_format
     model = model.to(device, memory_format=fmt)
-    return torch.compile(model, mode=mode) if compile_ and fast else model
+    if compile_mode is None or not fast:
+        return model
+    return torch.compile(model, mode=compile_mode_for(compile_mode, device))
 
 
 def main(argv=None) -> int:
@@ -67,9 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers of the plain path on GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path")
-    p.add_argument("--compile-mode", default="default",
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode: default | reduce-overhead (CUDA graphs: no launch overhead at small "
-                        "batches) | max-autotune")
+                        "batches) | max-autotune | ...; auto: as ikdmil train (reduce-overhead on CUDA)")
     args = p.parse_args(argv)
 
     device = resolve_device(args.device)
@@ -79,7 +84,8 @@ def main(argv=None) -> int:
     steps = args.steps or (30 if gpu else 3)
     amp = gpu
     peak = peak_tflops(device)
-    flops_fwd = forward_flops(build(args.backbone, device, False, False), size, device) / 1.0
+    flops_fwd = forward_flops(build(args.backbone, device, False, None), size, device) / 1.0
+    compile_mode = args.compile_mode if args.compile else None
     base = {"benchmark": "throughput", "backbone": args.backbone, "size": size, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if gpu else "cpu",
             "threads": torch.get_num_threads(), "gflop_forward_per_image": round(flops_fwd / 1e9, 2)}
@@ -93,8 +99,8 @@ def main(argv=None) -> int:
                               has_mask=np.ones(n_images, bool))
         for fast in (False, True):
             path = "fast" if fast else "plain"
-            teacher = build(args.backbone, device, fast, args.compile, args.compile_mode)
-            student = build(args.backbone, device, fast, args.compile, args.compile_mode)
+            teacher = build(args.backbone, device, fast, compile_mode)
+            student = build(args.backbone, device, fast, compile_mode)
             x = torch.from_numpy(arrays.images[:batch]).to(device).permute(0, 3, 1, 2)
             x = x.contiguous(memory_format=torch.channels_last if fast else torch.contiguous_format)
             y = torch.from_numpy(arrays.labels[:batch]).to(device)
@@ -116,8 +122,9 @@ def main(argv=None) -> int:
                     except StopIteration:
                         it = iter(loader())
                         xb, yb, index = next(it)
-                    xb, ops = augment(xb.to(device, non_blocking=True))
-                    step(xb, yb.to(device, non_blocking=True), BatchMeta(index, ops))
+                    xb, ops, host_ops = augment(xb.to(device, non_blocking=True))
+                    torch.compiler.cudagraph_mark_step_begin()
+                    step(xb, yb.to(device, non_blocking=True), BatchMeta(index, ops, host_ops))
                 return one
 
             opt = teacher_optimizer(teacher, 5e-5, 5e-4)
@@ -138,7 +145,8 @@ def main(argv=None) -> int:
                 for loading in (False, True):
                     if gpu:
                         torch.cuda.reset_peak_memory_stats(device)
-                    fn = loading_run(step) if loading else (lambda: step(x, y, meta))
+                    fn = loading_run(step) if loading else (lambda: (torch.compiler.cudagraph_mark_step_begin(),
+                                                                      step(x, y, meta)))
                     secs = timed(fn, steps, args.warmup, device)
                     ips = batch * steps / secs
                     line = {**base, "stage": stage, "path": path, "batch": batch, "with_loading": loading,
@@ -146,7 +154,7 @@ def main(argv=None) -> int:
                             "fraction_of_peak": round(ips * flops_img / 1e12 / peak, 3) if peak else None,
                             "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                             if gpu else None, "amp_bf16": amp,
-                            "compiled": args.compile_mode if args.compile and fast else False}
+                            "compiled": compile_mode_for(compile_mode, device) if compile_mode and fast else False}
                     print(json.dumps(line), flush=True)
     return 0
 

@@ -89,8 +89,8 @@ def test_student_loss_scale():
     out = MILOutput(sides=[s, s], fused=s)
     labels = torch.tensor([1])
     total, parts = student_loss(out, teacher, labels, wce_scale=0.25)
-    assert total.item() == pytest.approx(parts["kd"] + 0.25 * parts["wce"], rel=1e-6)
-    assert parts["kd"] == pytest.approx(fusion_kd_loss(out, teacher, labels).item())
+    assert total.item() == pytest.approx(parts["kd"].item() + 0.25 * parts["wce"].item(), rel=1e-6)
+    assert parts["kd"].item() == pytest.approx(fusion_kd_loss(out, teacher, labels).item())
 
 
 # ---------------------------------------------------------------- KD structures (paper Fig. 2)
@@ -128,9 +128,9 @@ def test_student_loss_takes_the_structure_and_keeps_the_wce_on_fused_maps():
     pos = torch.tensor([1])
     for structure in KD_STRUCTURES:
         total, parts = student_loss(s, t, pos, wce_scale=0.5, structure=structure)
-        assert parts["kd"] == pytest.approx(kd_loss(s, t, pos, structure).item())
-        assert parts["wce"] == pytest.approx(weighted_ce(s.fused, t.fused).item())
-        assert total.item() == pytest.approx(parts["kd"] + 0.5 * parts["wce"], rel=1e-6)
+        assert parts["kd"].item() == pytest.approx(kd_loss(s, t, pos, structure).item())
+        assert parts["wce"].item() == pytest.approx(weighted_ce(s.fused, t.fused).item())
+        assert total.item() == pytest.approx((parts["kd"] + 0.5 * parts["wce"]).item(), rel=1e-6)
     assert student_loss(s, t, pos, wce_scale=0.0)[0].item() == pytest.approx(kd_loss(s, t, pos).item())  # no-wce
     with pytest.raises(ValueError, match="side maps"):
         kd_loss(s, MILOutput(sides=[], fused=t.fused), pos, "block")

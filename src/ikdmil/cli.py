@@ -126,6 +126,8 @@ def cmd_predict(args) -> int:
     settings = settings_from_args(PredictSettings, args, base).validate()  # everything checked before any work
     check_output_folder(args.out)
     report = predict(args.model, args.inputs, args.out, settings, progress=_progress(args))
+    if report.rank != 0:  # torchrun: rank 0 reports every rank's results and decides the exit status
+        return 0
     done = sum(1 for s in report.slides if s.get("status") == "done")
     skipped = sum(1 for s in report.slides if s.get("status") == "skipped")
     warned = sum(1 for s in report.slides if s.get("warnings"))

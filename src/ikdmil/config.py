@@ -18,6 +18,9 @@ from ikdmil.errors import IkdmilError
 from ikdmil.io import write_text
 from ikdmil.typed_settings import Opt, brief, check_settings, load_settings, option_flag, settings_from_mapping
 
+#: `RunConfig.compile_mode` values: auto, then torch.compile's own modes (`ikdmil.device.compile_mode_for`)
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 # ----------------------------------------------------------------- the settings
 def _weights_ok(text: str) -> bool:
@@ -58,6 +61,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     compile: bool = False  # torch.compile the training step's model (worth it on GPUs for long runs)
+    compile_mode: str = "auto"  # torch.compile mode with --compile; auto: reduce-overhead on CUDA, default on CPU
     workers: int = 0  # DataLoader worker processes
     loader: str = "auto"  # auto (GPU-resident when it fits, else DataLoader) | memory | workers
     cache_dir: str = ""  # preprocessing cache ("" = $IKDMIL_CACHE or ~/.cache/ikdmil)
@@ -170,6 +174,10 @@ class RunConfig:
         "device": Opt("auto | cpu | cuda", choices=("auto", "cpu", "cuda")),
         "amp": Opt("bf16 autocast on CUDA"),
         "compile": Opt("torch.compile the model for training (GPU; first steps are slow while it compiles)"),
+        "compile_mode": Opt("--compile's torch.compile mode: auto = reduce-overhead on CUDA (CUDA graphs: one launch "
+                            "per step, for small batches where kernel launches dominate) and default on CPU | "
+                            "default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs",
+                            choices=COMPILE_MODES),
         "workers": Opt("DataLoader worker processes", min=0),
         "loader": Opt("auto: keep the training set on the GPU as uint8 when it fits, else a DataLoader; "
                       "memory | workers force one", choices=("auto", "memory", "workers")),
@@ -210,7 +218,7 @@ class RunConfig:
 #: RunConfig fields that `--resume` may change: how long to train and where/how fast to run. Every other
 #: field defines the run, and a resumed run must keep it (the checkpoint's models were trained with it).
 RESUME_MAY_CHANGE = ("teacher_epochs", "fusion_epochs", "distill_epochs", "device", "workers", "loader", "amp",
-                     "compile", "cache_dir", "track_test", "out")
+                     "compile", "compile_mode", "cache_dir", "track_test", "out")
 
 
 def resume_conflicts(cfg: RunConfig, saved: RunConfig) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -29,6 +30,39 @@ class Distributed:
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (any picklable object; waits as long as `OBJECT_WAIT`)."""
+        if self.world <= 1:
+            return obj
+        box = [obj if self.is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0, group=_object_group())
+        return box[0]
+
+    def gather(self, obj) -> list | None:
+        """Every rank's `obj`, in rank order, on rank 0 (None on the others); waits as long as `OBJECT_WAIT`."""
+        if self.world <= 1:
+            return [obj]
+        found = [None] * self.world if self.is_main else None
+        torch.distributed.gather_object(obj, found, dst=0, group=_object_group())
+        return found
+
+
+#: how long a rank waits for the others in `Distributed.broadcast` / `gather`: ranks of a cohort
+#: prediction finish their shares of slides hours apart, far beyond the default 10-30 min timeouts
+OBJECT_WAIT = timedelta(days=7)
+_OBJECT_GROUPS: dict = {}
+
+
+def _object_group():
+    """A gloo group for Python objects (CPU, long timeout) beside the default group, made once per process group.
+
+    Every rank makes it at its first `broadcast` / `gather`, which all ranks reach in the same order.
+    """
+    key = id(torch.distributed.group.WORLD)
+    if key not in _OBJECT_GROUPS:
+        _OBJECT_GROUPS[key] = torch.distributed.new_group(backend="gloo", timeout=OBJECT_WAIT)
+    return _OBJECT_GROUPS[key]
 
 
 def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
@@ -59,6 +93,32 @@ def autocast(device: torch.device, amp: bool):
     if device.type == "cuda" and amp:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` without waiting for the GPU: host tensors are pinned first, then copied asynchronously.
+
+    A plain ``.to(cuda)`` of pageable memory waits for every queued kernel (a host sync); the training
+    loop moves its small per-step tensors (dataset indices, augmentation ops) with this instead.
+    """
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def compile_mode_for(mode: str, device: torch.device) -> str:
+    """The torch.compile mode for `RunConfig.compile_mode` on `device`.
+
+    auto: "reduce-overhead" on CUDA, which captures each training step's forward and backward in CUDA
+    graphs (at the paper's batch 16 the GPU otherwise waits on kernel launches), and "default" on
+    CPU, where CUDA graphs do not exist. Asked for on CPU, the CUDA-graph modes fall back to their
+    graph-free forms, so a CPU run of a GPU config still trains.
+    """
+    if mode == "auto":
+        return "reduce-overhead" if device.type == "cuda" else "default"
+    if device.type != "cuda":
+        return {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+    return mode
 
 
 def fits_on_device(nbytes: int, device: torch.device, share: float = 0.4) -> bool:

@@ -168,11 +168,14 @@ def student_loss(
     labels: torch.Tensor,
     wce_scale: float = 0.25,
     structure: str = "fusion",
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """L_s = L_kd(structure) + a * L_wce(teacher fused -> student fused); `teacher` may be the fused map."""
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_s = L_kd(structure) + a * L_wce(teacher fused -> student fused); `teacher` may be the fused map.
+
+    The parts are detached 0-dim tensors on the loss's device (read by the epoch loop once per epoch).
+    """
     if isinstance(teacher, torch.Tensor):
         teacher = MILOutput(sides=[], fused=teacher)
     kd = kd_loss(student, teacher, labels, structure)
     wce = weighted_ce(student.fused, teacher.fused)
     total = kd + wce_scale * wce
-    return total, {"kd": float(kd.detach()), "wce": float(wce.detach())}
+    return total, {"kd": kd.detach(), "wce": wce.detach()}

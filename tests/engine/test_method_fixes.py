@@ -78,7 +78,7 @@ def _judge_run(monkeypatch, tiny_synth, tmp_path, tiny_config, better: bool, cap
         def step(x, y, meta=None):
             with torch.no_grad():
                 model.fusion_logits.copy_(torch.tensor([0.0, 0.0, 5.0]))
-            return {"loss": 0.0}
+            return {"loss": torch.zeros(())}
         return step
 
     monkeypatch.setattr(pipeline_module, "make_fusion_step", collapsing_step)
@@ -252,7 +252,7 @@ def test_cached_and_live_targets_give_the_same_loss_with_augmentation(structure)
             targets.refresh(teacher)
         s = copy.deepcopy(student)  # lr 0: the same student both times
         step = make_distill_step(s, teacher, student_optimizer(s, 0.0, 0.0), CPU, False, 0.25, targets, structure)
-        results.append(step(x, y, meta))
+        results.append({k: float(v) for k, v in step(x, y, meta).items()})
     for k in ("loss", "kd", "wce"):
         assert results[1][k] == pytest.approx(results[0][k], rel=1e-3, abs=1e-4), k
 
@@ -338,7 +338,7 @@ def test_resume_keeps_the_global_rng_stream_of_stage_2(monkeypatch, tiny_synth, 
         inner = real(*args, **kwargs)
 
         def step(x, y, meta=None):
-            return inner(x, y, meta) | {"noise": float(torch.rand(()))}
+            return inner(x, y, meta) | {"noise": torch.rand(())}
         return step
 
     monkeypatch.setattr(pipeline_module, "make_distill_step", noisy_step)

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import torch
 
-from ikdmil.device import autocast
+from ikdmil.device import autocast, to_device
 from ikdmil.engine.loop import BatchMeta, Cropper, Step, crop_batch, dihedral, dihedral_inverse
 from ikdmil.losses import student_loss
 from ikdmil.models.heads import MILOutput, MILSegmenter
@@ -110,7 +110,7 @@ class TeacherTargets:
             self.maps = torch.empty(shape, dtype=torch.float16, device=store)
             if store.type == "cpu" and device.type == "cuda":
                 self.maps = self.maps.pin_memory()
-            self.known = torch.zeros(shape[:2], dtype=torch.bool, device=store)
+            self.known = torch.zeros(shape[:2], dtype=torch.bool)  # on the host: read at every step
 
     @property
     def cached(self) -> bool:
@@ -160,18 +160,20 @@ class TeacherTargets:
         if self.maps is None:
             return self._mean8(x) if self.mode == "mean8" else self._maps(x)
         store = self.maps.device
-        index = meta.index.to(store)
-        pos = torch.zeros_like(index) if meta.view is None else meta.view.to(store)
+        index = meta.index.cpu()
+        pos = torch.zeros_like(index) if meta.view is None else meta.view.cpu()
         if self.mode == "mean8":
-            target = self.maps[index, pos].to(self.device, non_blocking=True).float()
-            return target if meta.ops is None else dihedral(target, meta.ops.to(target.device))
-        view = pos * self.views + (0 if meta.ops is None else meta.ops.to(store))
-        missing = (~self.known[index, view]).nonzero(as_tuple=True)[0]
-        if missing.numel():
-            fresh = self._maps(x[missing.to(x.device)])
-            self.maps[index[missing], view[missing]] = fresh.to(store, torch.float16)
+            target = self.maps[to_device(index, store), to_device(pos, store)].to(self.device, non_blocking=True)
+            return target.float() if meta.ops is None else dihedral(target.float(), meta.ops)
+        view = pos * self.views + (0 if meta.ops is None else meta.ops_on_host())
+        missing = (~self.known[index, view]).nonzero(as_tuple=True)[0]  # host bookkeeping: no GPU wait
+        if len(missing):
+            fresh = self._maps(x[to_device(missing, x.device)])
+            # a host store (the maps did not fit the GPU) copies them back: a wait, first sight only
+            rows, views = to_device(index[missing], store), to_device(view[missing], store)
+            self.maps[rows, views] = fresh.to(store, torch.float16)
             self.known[index[missing], view[missing]] = True
-        return self.maps[index, view].to(self.device, non_blocking=True).float()
+        return self.maps[to_device(index, store), to_device(view, store)].to(self.device, non_blocking=True).float()
 
 
 def make_distill_step(student: torch.nn.Module, teacher: MILSegmenter, opt: torch.optim.Optimizer,
@@ -182,7 +184,7 @@ def make_distill_step(student: torch.nn.Module, teacher: MILSegmenter, opt: torc
     KD structure (losses.kd_loss); "block" uses the teacher's side maps too."""
     channels = len(teacher.side_heads) + 1 if structure == "block" else 1
 
-    def step(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta | None = None) -> dict[str, float]:
+    def step(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta | None = None) -> dict[str, torch.Tensor]:
         if targets is not None:
             maps = targets(x, meta)
         else:
@@ -195,7 +197,7 @@ def make_distill_step(student: torch.nn.Module, teacher: MILSegmenter, opt: torc
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return {"loss": float(loss.detach()), **parts}
+        return {"loss": loss.detach(), **parts}
 
     return step
 

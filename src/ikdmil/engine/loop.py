@@ -15,36 +15,56 @@ import torch
 from tqdm.auto import tqdm
 
 from ikdmil.data.scale import spread_starts
-from ikdmil.device import Distributed
+from ikdmil.device import Distributed, to_device
 from ikdmil.errors import IkdmilError
 from ikdmil.io import atomic_path, write_text
 
 
-def dihedral(x: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
-    """Apply one of the 8 flips/rot90s per sample: ops[i] in 0..7 (bit 2 = transpose-like flip)."""
-    out = x.clone()
-    for op in range(1, 8):
-        sel = (ops == op).nonzero(as_tuple=True)[0]
-        if sel.numel() == 0:
-            continue
-        y = x[sel]
-        if op & 4:
-            y = y.flip(-1)
-        y = torch.rot90(y, k=op & 3, dims=(-2, -1))
-        out[sel] = y
+def _dihedral_op(y: torch.Tensor, op: int) -> torch.Tensor:
+    """One of the 8 flips/rot90s: bit 2 flips the width, bits 0-1 rotate by 90° that many times."""
+    if op & 4:
+        y = y.flip(-1)
+    return torch.rot90(y, k=op & 3, dims=(-2, -1))
+
+
+_TABLES: dict = {}
+
+
+def _dihedral_table(size: int, device: torch.device, inverse: bool) -> torch.Tensor:
+    """(8, size*size) int64: for each op, the flat source pixel of every output pixel (made once per size)."""
+    key = (size, str(device), inverse)
+    if key not in _TABLES:
+        grid = torch.arange(size * size).view(size, size)
+        ops = [_dihedral_op(grid, op).flatten() for op in range(8)]
+        table = torch.stack([torch.argsort(o) for o in ops] if inverse else ops)
+        _TABLES[key] = table.to(device)
+    return _TABLES[key]
+
+
+def _permute_pixels(x: torch.Tensor, ops: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """`x` (B,C,S,S) with sample i's pixels moved by dihedral op ops[i], by one gather (no host sync)."""
+    b, c, h, w = x.shape
+    if h != w:
+        raise ValueError(f"dihedral augmentation needs square images, got {h}x{w}")
+    index = _dihedral_table(h, x.device, inverse)[to_device(ops, x.device)]  # (B, S*S)
+    out = x.reshape(b, c, h * w).gather(2, index[:, None, :].expand(b, c, h * w)).view(b, c, h, w)
+    if c > 1 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        out = out.contiguous(memory_format=torch.channels_last)  # keep the batch's memory order
     return out
+
+
+def dihedral(x: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
+    """Apply one of the 8 flips/rot90s per sample: ops[i] in 0..7 (bit 2 = transpose-like flip).
+
+    A gather through a per-op pixel table rather than a loop over ops with `nonzero`, which waits
+    for the GPU at every training step.
+    """
+    return _permute_pixels(x, ops, inverse=False)
 
 
 def dihedral_inverse(y: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
     """Undo `dihedral`: dihedral_inverse(dihedral(x, ops), ops) == x."""
-    out = y.clone()
-    for op in range(1, 8):
-        sel = (ops == op).nonzero(as_tuple=True)[0]
-        if sel.numel() == 0:
-            continue
-        x = torch.rot90(y[sel], k=-(op & 3), dims=(-2, -1))
-        out[sel] = x.flip(-1) if op & 4 else x
-    return out
+    return _permute_pixels(y, ops, inverse=True)
 
 
 class Augmenter:
@@ -54,13 +74,14 @@ class Augmenter:
         self.enabled = enabled
         self.gen = torch.Generator().manual_seed(seed + 7919)
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Augmented batch and the op drawn per sample (None when disabled), so that targets
-        cached for the un-augmented images can be transformed identically."""
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Augmented batch and the op drawn per sample, on x's device and on the host (None, None when
+        disabled), so that targets cached for the un-augmented images can be transformed identically."""
         if not self.enabled:
-            return x, None
-        ops = torch.randint(0, 8, (x.shape[0],), generator=self.gen).to(x.device)
-        return dihedral(x, ops), ops
+            return x, None, None
+        host = torch.randint(0, 8, (x.shape[0],), generator=self.gen)
+        ops = to_device(host, x.device)
+        return dihedral(x, ops), ops, host
 
 
 #: training crop origins lie at most input_size // CROP_GRID px apart (a grid, so that the teacher's map
@@ -118,17 +139,28 @@ def crop_batch(x: torch.Tensor, offsets: torch.Tensor | None, size: int) -> torc
 
 @dataclass
 class BatchMeta:
-    """Which dataset rows a batch holds, which crop of each (position `view`, canvas origin `offsets`)
-    and how each was augmented."""
+    """Which dataset rows a batch holds (host tensor), which crop of each (position `view`, canvas origin
+    `offsets`) and how each was augmented (`ops`, on the batch's device)."""
 
     index: torch.Tensor
     ops: torch.Tensor | None
     view: torch.Tensor | None = None
     offsets: torch.Tensor | None = None
+    host_ops: torch.Tensor | None = None  # `ops` on the host, for bookkeeping that must not wait for the GPU
+
+    def ops_on_host(self) -> torch.Tensor | None:
+        """The ops as a host tensor (copied from the device only when the caller did not give `host_ops`)."""
+        if self.ops is None or self.host_ops is not None:
+            return self.host_ops
+        return self.ops.cpu()
 
 
-#: a training step: (images, labels, batch meta) -> its losses; it does forward, backward and update
-Step = Callable[[torch.Tensor, torch.Tensor, BatchMeta | None], dict[str, float]]
+#: a training step: (images, labels, batch meta) -> its losses as detached 0-dim tensors (batch means) on
+#: the device, never read on the host per step; it does forward, backward and update
+Step = Callable[[torch.Tensor, torch.Tensor, BatchMeta | None], dict[str, torch.Tensor]]
+
+#: training steps between progress-bar updates of the running loss (each update reads it from the device)
+PROGRESS_EVERY = 25
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, seed: int, workers: int, device: torch.device,
@@ -188,7 +220,7 @@ class MemoryLoader:
         order = self._order()
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
-            on_device = index.to(self.images.device)
+            on_device = to_device(index, self.images.device)
             yield self.images[on_device], self.labels[on_device], index
 
 
@@ -207,30 +239,48 @@ def run_epoch(
     crop: Cropper | None = None,
 ) -> dict[str, float]:
     """One pass over `loader` (canvas images): a random crop of each (`crop`), its augmentation, then
-    `step(x, y, meta)` does forward/backward/update and returns its losses."""
-    totals: dict[str, float] = {}
+    `step(x, y, meta)`; returns the mean of each loss over the epoch's images (all ranks' under torchrun).
+
+    `step` does forward/backward/update and returns its losses as device tensors; they are summed on
+    the device, weighted by batch size, and read once at the end, so a step never waits for the GPU
+    (the bar shows the running loss every `PROGRESS_EVERY` steps). A NaN or infinite loss at any step
+    makes its sum non-finite: a one-line IkdmilError at the end of the epoch, before the caller logs or
+    checkpoints it.
+    """
+    totals: dict[str, torch.Tensor] = {}
     n = 0
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for x, y, index in bar:
+    for i, (x, y, index) in enumerate(bar, 1):
         view = offsets = None
         if crop is not None:
             x, view, offsets = crop(x, index)
-        x, ops = augment(x.to(device, non_blocking=True))
+        x, ops, host_ops = augment(x.to(device, non_blocking=True))
         y = y.to(device, non_blocking=True)
-        losses = step(x, y, BatchMeta(index, ops, view, offsets))
+        torch.compiler.cudagraph_mark_step_begin()  # --compile-mode reduce-overhead: each step is a new graph replay
+        losses = step(x, y, BatchMeta(index, ops, view, offsets, host_ops))
         b = x.shape[0]
         n += b
         for k, v in losses.items():
-            if not math.isfinite(v):
-                raise IkdmilError(f"{desc}: loss became {v}; lower --lr or check the input images")
-            totals[k] = totals.get(k, 0.0) + v * b
-        bar.set_postfix(loss=f"{losses['loss']:.4f}")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():  # mean over all ranks' images
-        keys = sorted(totals)
-        t = torch.tensor([totals[k] for k in keys] + [float(n)], dtype=torch.float64, device=device)
+            weighted = v.detach().to(torch.float64) * b
+            totals[k] = totals[k] + weighted if k in totals else weighted
+        if progress and i % PROGRESS_EVERY == 0:
+            bar.set_postfix(loss=f"{float(totals['loss']) / n:.4f}")
+    return _epoch_means(totals, n, device, desc)
+
+
+def _epoch_means(totals: dict[str, torch.Tensor], n: int, device: torch.device, desc: str) -> dict[str, float]:
+    """The epoch's sums divided by its image count, summed over ranks first: the one host read of the epoch."""
+    keys = sorted(totals)
+    where = totals[keys[0]].device if keys else device
+    t = torch.stack([totals[k] for k in keys] + [torch.tensor(float(n), dtype=torch.float64, device=where)])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
-        totals, n = dict(zip(keys, t[:-1].tolist())), int(t[-1])
-    return {k: v / max(n, 1) for k, v in totals.items()}
+    *sums, count = t.tolist()
+    for k, v in zip(keys, sums):
+        if not math.isfinite(v):
+            what = "loss" if k == "loss" else f"loss {k!r}"
+            raise IkdmilError(f"{desc}: {what} became {v}; lower --lr or check the input images")
+    return {k: v / max(count, 1) for k, v in zip(keys, sums)}
 
 
 #: metrics.csv columns that come first, in this order, when any row has them (others follow as they appear)

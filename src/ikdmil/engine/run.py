@@ -33,7 +33,7 @@ from ikdmil.config import RESUME_MAY_CHANGE, RunConfig, resume_conflicts
 from ikdmil.data.dataset import CachedArrays, PatchDataset, build_cache
 from ikdmil.data.manifest import load_samples, select_split
 from ikdmil.data.scale import choose_scale
-from ikdmil.device import fits_on_device, setup_distributed
+from ikdmil.device import compile_mode_for, fits_on_device, setup_distributed
 from ikdmil.engine.evaluate import evaluate_model, predict_fused
 from ikdmil.engine.loop import (
     Augmenter,
@@ -166,7 +166,11 @@ class TrainingRun:
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             view = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        return torch.compile(view) if self.cfg.compile else view
+        if not self.cfg.compile:
+            return view
+        mode = compile_mode_for(self.cfg.compile_mode, self.device)
+        logger.debug("torch.compile mode %s", mode)
+        return torch.compile(view, mode=mode)
 
     def setup_loader(self) -> None:
         """The training loader (GPU-resident when it fits, else a DataLoader) and the augmenter."""

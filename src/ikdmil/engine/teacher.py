@@ -26,7 +26,7 @@ def make_teacher_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device
     """Stage-1 step: the MIL loss named `loss` on every map of `model` (a MILSegmenter, maybe DDP-wrapped)."""
     loss_fn = teacher_loss(loss)
 
-    def step(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta | None = None) -> dict[str, float]:
+    def step(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta | None = None) -> dict[str, torch.Tensor]:
         model.train()
         with autocast(device, amp):
             out = model(x)
@@ -34,7 +34,7 @@ def make_teacher_step(model: torch.nn.Module, opt: torch.optim.Optimizer, device
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()
-        return {"loss": float(value.detach())}
+        return {"loss": value.detach()}
 
     return step
 
@@ -52,7 +52,7 @@ def make_fusion_step(model: MILSegmenter, opt: torch.optim.Optimizer, device: to
     """Fit w in f_w = sum softmax(w)_i f_i with the stage-1 loss on the fused map; the network is frozen."""
     loss_fn = teacher_loss(loss)
 
-    def step(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta | None = None) -> dict[str, float]:
+    def step(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta | None = None) -> dict[str, torch.Tensor]:
         model.eval()
         with torch.no_grad(), autocast(device, amp):
             sides = [torch.sigmoid(s).float() for s in model.side_logits(x)]
@@ -60,6 +60,6 @@ def make_fusion_step(model: MILSegmenter, opt: torch.optim.Optimizer, device: to
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()
-        return {"loss": float(value.detach())}
+        return {"loss": value.detach()}
 
     return step

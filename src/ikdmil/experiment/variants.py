@@ -128,7 +128,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
 STAGE2_FIELDS = ("distill_epochs", "swap_every", "wce_scale", "kd_structure", "swap", "teacher_cache")
 # Fields that change where or how fast a run computes, not what it computes: a finished run is reused
 # whatever they were. (`data` is compared: the experiment resolves it to an absolute path.)
-MACHINE_FIELDS = ("out", "device", "workers", "loader", "cache_dir", "compile")
+MACHINE_FIELDS = ("out", "device", "workers", "loader", "cache_dir", "compile", "compile_mode")
 # Fields only the comparison methods (ikdmil.methods other than ikd) read.
 METHOD_FIELDS = ("cam_epochs", "seg_epochs", "cam_threshold", "head_lr_scale", "decoder_width", "mosaic_grid",
                  "consistency_scale")

@@ -84,12 +84,16 @@ class LoadedModel:
         return y
 
 
-def load_for_inference(path: str | os.PathLike, settings: PredictSettings) -> LoadedModel:
-    """Load a model file for `predict`: device, model resolution (µm/px) and batch size resolved."""
+def load_for_inference(path: str | os.PathLike, settings: PredictSettings,
+                       device: torch.device | None = None) -> LoadedModel:
+    """Load a model file for `predict`: device, model resolution (µm/px) and batch size resolved.
+
+    `device`: where to run (a torchrun rank's own GPU); None: `settings.device` resolved.
+    """
     from ikdmil.device import resolve_device
     from ikdmil.models.checkpoint import load_model
 
-    device = resolve_device(settings.device)
+    device = device or resolve_device(settings.device)
     model, meta = load_model(path, device)
     _check_finite_weights(model, path)
     model = model.to(memory_format=torch.channels_last).eval()

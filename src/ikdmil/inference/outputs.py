@@ -20,8 +20,9 @@ not supported):
 - ``predict_summary.json``: **merged**. ``slides`` has one entry per marked slide folder in OUT
   (rebuilt from the folders on disk and their ``summary.json``; ``status`` and ``config`` are those
   of the latest run that touched the slide, ``"done"`` for folders no index mentioned, e.g. after a
-  kill) with its sanity ``warnings``; ``failures`` keeps the latest failed attempt per input until a
-  later run succeeds on that input; ``patches`` counts the entries of ``patches.json``.
+  kill; under torchrun also the ``rank`` that touched it) with its sanity ``warnings``; ``failures``
+  keeps the latest failed attempt per input until a later run succeeds on that input; ``patches``
+  counts the entries of ``patches.json``.
 - ``report.html``: **rebuilt** from ``predict_summary.json`` and the slide folders after every run
   (`ikdmil.inference.report`).
 - ``patches.json``: **merged**. One entry per patch image name (the NAME of ``masks/NAME.png``); a
@@ -244,7 +245,8 @@ def merge_indexes(out: Path, slides: list[dict], patches: list[dict], failures: 
                   if isinstance(e, dict)}
         for s in slides:
             folder = Path(s.get("path") or s["slide"]).stem
-            latest[folder] = dict({k: s.get(k) for k in SLIDE_KEYS}, folder=folder, config=config)
+            rank = {"rank": s["rank"]} if "rank" in s else {}  # torchrun: the rank that did (or skipped) it
+            latest[folder] = dict({k: s.get(k) for k in SLIDE_KEYS}, folder=folder, config=config, **rank)
         listed = []
         for folder in _slide_folders(out):
             entry = latest.get(folder.name)

@@ -20,6 +20,16 @@ Progress lines go to the ``ikdmil.inference`` logger (level INFO) unless the cal
 
 An input that is missing, unreadable or implausible (see `ikdmil.inference.slide`), or whose output
 folder is not predict's, fails on its own with a one-line message; the batch goes on.
+
+Under torchrun (``torchrun --nproc_per_node N -m ikdmil predict ...``, any number of nodes sharing
+OUT) every rank runs the model on its own device (GPU LOCAL_RANK on CUDA, gloo on CPU) over its
+share of the inputs: rank 0 shares the slides by their level-0 area, longest first, onto the rank
+with the least work (`shard_by_size`; slides already done weigh nothing) and sends the shares to
+all, so every rank agrees whatever its view of the disk. Each rank writes only its slides' folders
+and its patch images; rank 0 alone writes predict_config.yaml and, once every rank has sent it its
+results, the merged index files, whose slide entries then name the ``rank`` that did each slide.
+A rank that fails merges its own results into the index files (under the lock) before it stops; the
+next run lists every finished slide folder either way and skips those slides, with any world size.
 """
 
 from __future__ import annotations
@@ -37,29 +47,35 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ikdmil import __version__
+from ikdmil.device import Distributed, setup_distributed
 from ikdmil.errors import IkdmilError
 from ikdmil.inference.model import LoadedModel, gaussian_smooth, load_for_inference
 from ikdmil.inference.outputs import CONFIG_NAME, PATCH_FOLDERS, merge_indexes, record_config, take_patch_folders
 from ikdmil.inference.report import write_report
 from ikdmil.inference.settings import PredictSettings
-from ikdmil.inference.slide import predict_slide
+from ikdmil.inference.slide import is_done, predict_slide
 from ikdmil.inference.tiling import resolve_tiling
 from ikdmil.io import one_line, read_rgb, remove_stale_temps, write_png
-from ikdmil.slide.reader import PLAIN_SUFFIXES, expand_inputs, is_plain_image
+from ikdmil.slide.reader import PLAIN_SUFFIXES, expand_inputs, is_plain_image, level0_area
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CONFIG_NAME", "PredictReport", "predict"]
+__all__ = ["CONFIG_NAME", "PredictReport", "predict", "shard_by_size"]
 
 
 @dataclass
 class PredictReport:
-    """What `predict` did: per-slide summaries, per-patch results, failures, the config file written."""
+    """What `predict` did: per-slide summaries, per-patch results, failures, the config file written.
+
+    Under torchrun, rank 0's report holds every rank's results; the other ranks' hold their own.
+    """
 
     slides: list[dict]
     patches: list[dict]
     failures: list[tuple[str, str]]  # (input, one-line message)
     config_path: Path
+    rank: int = 0
+    world: int = 1
 
 
 def predict(model: str | os.PathLike, inputs: list[str | os.PathLike], out: str | os.PathLike,
@@ -96,7 +112,6 @@ def predict(model: str | os.PathLike, inputs: list[str | os.PathLike], out: str 
         >>> [s["tumour_area_mm2"] for s in report.slides], report.failures
         ([1.234], [])
     """
-    say = echo or logger.info
     settings = (settings or PredictSettings()).validate()
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -105,52 +120,129 @@ def predict(model: str | os.PathLike, inputs: list[str | os.PathLike], out: str 
     if not paths:
         raise IkdmilError("no inputs given; pass slides, images or folders of them")
     _check_names(paths)
-    lm = load_for_inference(model, settings)
+    dist, device = setup_distributed(settings.device)
+    lm = load_for_inference(model, settings, device)
     resolve_tiling(settings.tile_size or lm.input_size, settings.overlap, settings.out_stride)  # option errors first
     out.mkdir(parents=True, exist_ok=True)
     for folder in (out, *(out / name for name in PATCH_FOLDERS)):
         remove_stale_temps(folder)  # what killed runs left; temporaries of live runs are kept
-    config_path = write_config(out, Path(model), paths, settings, lm)
+    config_name = write_config(out, Path(model), paths, settings, lm).name if dist.is_main else None
+    report = PredictReport([], [], [], out / dist.broadcast(config_name), dist.rank, dist.world)
 
     kinds = {p: classify_input(p, settings) for p in paths}
     slide_paths = [p for p in paths if kinds[p] == "slide"]
     patch_paths = [p for p in paths if kinds[p] == "patch"]
-    slides: list[dict] = []
-    patches: list[dict] = []
-    failures: list[tuple[str, str]] = []
-    patch_folders_ok = False
+    folders_problem = None  # why OUT/masks or OUT/overlays cannot take patch outputs
+    say = echo or logger.info
+    if dist.world > 1:
+        slide_paths, patch_paths, folders_problem = _my_share(dist, lm, out, settings, slide_paths, patch_paths)
+        progress = progress and dist.is_main
+        say = _with_rank(say, dist)
+    patch_folders_ok = finished = False
     try:
-        predict_slides(lm, slide_paths, out, settings, progress, say, slides, failures)
-        if patch_paths:
-            try:
-                take_patch_folders(out)
-            except IkdmilError as exc:  # masks/ or overlays/ is not predict's: no patch image is written
-                failures.append((str(out / "masks"), " ".join(str(exc).split())))
-            else:
-                patch_folders_ok = True
-                bad = predict_patches(lm, patch_paths, out, settings, progress, patches)
-                failures.extend((str(p), _naming(p, m)) for p, m in bad)
-                say(f"{len(patches)} patch images: masks in {out / 'masks'}, overlays in {out / 'overlays'}")
+        predict_slides(lm, slide_paths, out, settings, progress, say, report.slides, report.failures,
+                       rank=dist.rank if dist.world > 1 else None)
+        if patch_paths and dist.world == 1:
+            folders_problem = _take_patch_folders(out)
+        if folders_problem:  # no patch image is written (rank 0 reports it once)
+            report.failures.extend([(str(out / "masks"), folders_problem)] if dist.is_main else [])
+        elif patch_paths:
+            patch_folders_ok = True
+            bad = predict_patches(lm, patch_paths, out, settings, progress, report.patches)
+            report.failures.extend((str(p), _naming(p, m)) for p, m in bad)
+            say(f"{len(report.patches)} patch images: masks in {out / 'masks'}, overlays in {out / 'overlays'}")
+        finished = True
     finally:  # also when interrupted: the index lists what this run finished
-        done = [Path(s["path"]) for s in slides if s.get("path")] + [Path(e["image"]) for e in patches]
-        done += [out / "masks"] if patch_folders_ok else []
-        merge_indexes(out, slides, patches, failures, done, config_path.name)
-        write_report(out)
-    return PredictReport(slides, patches, failures, config_path)
+        _write_indexes(dist, out, report, patch_folders_ok, gather=finished)
+    return report
+
+
+def shard_by_size(sizes: list[int], world: int) -> list[list[int]]:
+    """Indices of `sizes` per rank, balanced: largest first onto the least-loaded rank.
+
+    Ties go to the rank with fewer items, then the lower rank (so items of size 0, such as slides
+    already done, are dealt out in turn). Deterministic; every index lands on exactly one rank, in
+    ascending order within it.
+
+    Example:
+        >>> shard_by_size([5, 1, 4, 2, 3], 2)
+        [[0, 1, 3], [2, 4]]
+    """
+    load = [0] * world
+    shares: list[list[int]] = [[] for _ in range(world)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world), key=lambda r: (load[r], len(shares[r]), r))
+        shares[r].append(i)
+        load[r] += sizes[i]
+    return [sorted(share) for share in shares]
+
+
+def _my_share(dist: Distributed, lm: LoadedModel, out: Path, settings: PredictSettings, slides: list[Path],
+              patches: list[Path]) -> tuple[list[Path], list[Path], str | None]:
+    """This rank's slides and patch images, and why the patch folders cannot be used (None: they can).
+
+    Rank 0 weighs the slides (level-0 area; 0 when already done), takes the patch folders and sends
+    the plan to every rank, so the ranks agree even when they see the disk differently.
+    """
+    plan = None
+    if dist.is_main:
+        work = [0 if is_done(lm, p, out / p.stem, settings) else level0_area(p) for p in slides]
+        plan = (shard_by_size(work, dist.world), shard_by_size([1] * len(patches), dist.world),
+                _take_patch_folders(out) if patches else None)
+    slide_shares, patch_shares, problem = dist.broadcast(plan)
+    return [slides[i] for i in slide_shares[dist.rank]], [patches[i] for i in patch_shares[dist.rank]], problem
+
+
+def _with_rank(say: Callable[[str], object], dist: Distributed) -> Callable[[str], object]:
+    return lambda line: say(f"rank {dist.rank}/{dist.world}: {line}")
+
+
+def _take_patch_folders(out: Path) -> str | None:
+    """Mark OUT/masks and OUT/overlays as predict's; the one-line reason when they are not, else None."""
+    try:
+        take_patch_folders(out)
+    except IkdmilError as exc:  # masks/ or overlays/ is not predict's
+        return " ".join(str(exc).split())
+    return None
+
+
+def _write_indexes(dist: Distributed, out: Path, report: PredictReport, patch_folders_ok: bool,
+                   gather: bool) -> None:
+    """Merge the run's results into the index files: rank 0 for every rank when `gather`, else each rank its own.
+
+    `gather` is False when this rank stopped on an error or an interrupt: the other ranks may never
+    reach the gather, so it merges its own results under the lock, as concurrent runs into OUT do.
+    """
+    done = [Path(s["path"]) for s in report.slides if s.get("path")] + [Path(e["image"]) for e in report.patches]
+    done += [out / "masks"] if patch_folders_ok else []
+    if dist.world > 1 and gather:
+        parts = dist.gather((report.slides, report.patches, report.failures, done))
+        if not dist.is_main:
+            return
+        report.slides[:] = [s for part in parts for s in part[0]]
+        report.patches[:] = [e for part in parts for e in part[1]]
+        report.failures[:] = [f for part in parts for f in part[2]]
+        done = [d for part in parts for d in part[3]]
+    merge_indexes(out, report.slides, report.patches, report.failures, done, report.config_path.name)
+    write_report(out)
 
 
 def predict_slides(lm: LoadedModel, paths: list[Path], out: Path, settings: PredictSettings, progress: bool,
                    say: Callable[[str], object], slides: list[dict] | None = None,
-                   failures: list[tuple[str, str]] | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
+                   failures: list[tuple[str, str]] | None = None,
+                   rank: int | None = None) -> tuple[list[dict], list[tuple[str, str]]]:
     """Each slide into out/NAME/, one at a time; returns (summaries, failures as (input, one-line message)).
 
     `slides` and `failures`: lists to append to as slides finish (so an interrupted batch keeps them).
+    `rank`: the torchrun rank, recorded as each summary's "rank" (None: not recorded).
     """
     slides = [] if slides is None else slides
     failures = [] if failures is None else failures
     for n, p in enumerate(paths, 1):
         try:
             s = predict_slide(lm, p, out / p.stem, settings, progress)
+            if rank is not None:
+                s["rank"] = rank
             slides.append(s)
             if s.get("status") == "skipped":
                 say(f"[{n}/{len(paths)}] {p.name}: already done with these settings, skipped "

@@ -110,7 +110,7 @@ def predict_slide(lm: LoadedModel, slide_path: Path, out_dir: Path, settings: Pr
         raise IkdmilError(f"{slide_path}: not found; check the path (give slide or image files, or folders of them)")
     check_owned(out_dir, "slide", subject=slide_path)
     key = _settings_key(lm, settings, slide_path)
-    old = _finished_summary(out_dir, key) if not settings.overwrite else None
+    old = finished_summary(out_dir, key) if not settings.overwrite else None
     if old is not None:
         old["status"] = "skipped"
         return old
@@ -406,7 +406,17 @@ def _settings_key(lm: LoadedModel, settings: PredictSettings, slide_path: Path) 
     return h.hexdigest()[:16]
 
 
-def _finished_summary(out_dir: Path, key: str) -> dict | None:
+def is_done(lm: LoadedModel, slide_path: Path, out_dir: Path, settings: PredictSettings) -> bool:
+    """Whether `predict_slide` would skip this slide: done into `out_dir` with these settings, no --overwrite."""
+    if settings.overwrite:
+        return False
+    try:
+        return finished_summary(out_dir, _settings_key(lm, settings, slide_path)) is not None
+    except IkdmilError:  # unreadable slide or model file: predict_slide reports it
+        return False
+
+
+def finished_summary(out_dir: Path, key: str) -> dict | None:
     """The summary of an earlier run of this slide with the same settings key, else None."""
     done = out_dir / SUMMARY_NAME
     if not done.is_file():

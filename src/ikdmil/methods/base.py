@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ikdmil.config import RunConfig
-from ikdmil.device import autocast
+from ikdmil.device import autocast, to_device
 from ikdmil.engine.loop import BatchMeta, Step, Timer, crop_batch, dihedral, load_checkpoint, run_epoch
 from ikdmil.engine.pipeline import Best
 from ikdmil.engine.run import TrainingRun
@@ -178,8 +178,8 @@ class SegRun(TrainingRun):
     def batch_targets(self, targets: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         """The rows `meta.index` of per-image (N,1,H,W) canvas targets, cropped and augmented like the
         batch, float32."""
-        t = targets[meta.index.to(targets.device)]
-        t = crop_batch(t, meta.offsets, self.cfg.input_size).to(self.device).float()
+        t = targets[to_device(meta.index, targets.device)]
+        t = to_device(crop_batch(t, meta.offsets, self.cfg.input_size), self.device).float()
         return dihedral(t, meta.ops) if meta.ops is not None else t
 
     def segnet_optimizer(self, net: SegNet) -> torch.optim.Optimizer:
@@ -191,7 +191,7 @@ class SegRun(TrainingRun):
         """One step of the segmentation network on its per-image targets with `loss_fn`."""
         device, amp = self.device, self.cfg.amp
 
-        def step(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta) -> dict[str, float]:
+        def step(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta) -> dict[str, torch.Tensor]:
             view.train()
             t = self.batch_targets(targets, meta)
             with autocast(device, amp):
@@ -200,7 +200,7 @@ class SegRun(TrainingRun):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            return {"loss": float(loss.detach())}
+            return {"loss": loss.detach()}
 
         return step
 

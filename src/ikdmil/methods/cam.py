@@ -187,7 +187,7 @@ class CamRun(SegRun):
         """BCE on the image labels; `on_cams(raw CAMs, meta)` (OAA) sees each batch's CAMs."""
         device, amp = self.device, self.cfg.amp
 
-        def step(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta) -> dict[str, float]:
+        def step(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta) -> dict[str, torch.Tensor]:
             view.train()
             with autocast(device, amp):
                 logits, cam = view(x)
@@ -196,7 +196,7 @@ class CamRun(SegRun):
             loss.backward()
             opt.step()
             self.on_cams(cam.detach(), logits.detach(), y, x.shape[-2:], meta)
-            return {"loss": float(loss.detach())}
+            return {"loss": loss.detach()}
 
         return step
 

@@ -31,6 +31,9 @@ Where we differ from the paper, and why:
   classifier's CAM.
 - Under torchrun each rank accumulates the images of its shard; the ranks' maps are combined by an
   all-reduce maximum after every epoch.
+
+The training maps are accumulated on the device when they fit (`fits_on_device`), so a training
+step never waits for the GPU; in host memory otherwise (one device-to-host copy per step).
 """
 
 from __future__ import annotations
@@ -47,12 +50,17 @@ class MaxAccumulator:
     """Element-wise maximum of each image's maps over epochs, in the image's canonical orientation.
 
     `maps` is (N,H,W) float32 on the CPU (the split's canvas; `size` an int for square S x S), zeros at
-    the start (CAMs are >= 0). A training batch holds crops: each crop's map goes to its place.
+    the start (CAMs are >= 0). A training batch holds crops: each crop's map goes to its place (a host
+    copy per step, kept for now: the crop offsets are per row).
     """
 
     def __init__(self, n: int, size: int | tuple[int, int], maps: torch.Tensor | None = None):
         h, w = (size, size) if isinstance(size, int) else size
         self.maps = maps if maps is not None else torch.zeros(n, h, w)
+
+    def load(self, maps: torch.Tensor) -> None:
+        """Continue from `maps` (e.g. a checkpoint's copy)."""
+        self.maps = maps.cpu()
 
     def update(self, index: torch.Tensor, cams: torch.Tensor, ops: torch.Tensor | None = None,
                keep: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> None:
@@ -75,12 +83,12 @@ class MaxAccumulator:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             t = self.maps.to(device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            self.maps = t.cpu()
+            self.maps = t.to(self.maps.device)
 
 
 def correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(B,) bool: the classifier currently predicts the image's label (logit > 0 <=> tumour)."""
-    return (logits.detach().float().cpu() > 0) == (labels.cpu() == 1)
+    return (logits.detach().float() > 0) == (labels.to(logits.device) == 1)
 
 
 def with_fallback(accumulated: torch.Tensor, cams: torch.Tensor) -> torch.Tensor:
@@ -102,7 +110,8 @@ class OAARun(CamRun):
     def _restore(self) -> None:
         super()._restore()
         if "oaa_train" in self.maps:  # the accumulators continue from the checkpoint
-            self.acc_train.maps, self.acc_val.maps = self.maps["oaa_train"], self.maps["oaa_val"]
+            self.acc_train.load(self.maps["oaa_train"])
+            self.acc_val.load(self.maps["oaa_val"])
 
     def on_cams(self, raw: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, size, meta: BatchMeta) -> None:
         self.acc_train.update(meta.index, normalise_cam(raw, size), meta.ops, keep=correct(logits, labels),
@@ -113,7 +122,7 @@ class OAARun(CamRun):
         val, labels = self.cam_maps(self.val_arrays), torch.as_tensor(self.val_arrays.labels)
         keep = correct(self.classifier_logits(self.val_arrays), labels)
         self.acc_val.update(torch.arange(len(val)), val[:, None], keep=keep)
-        self.maps["oaa_train"], self.maps["oaa_val"] = self.acc_train.maps, self.acc_val.maps
+        self.maps["oaa_train"], self.maps["oaa_val"] = self.acc_train.maps.cpu(), self.acc_val.maps  # CPU
 
     def phase_pseudo(self) -> None:
         train = with_fallback(self.acc_train.maps, self.cam_maps(self.train_arrays))

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ikdmil.config import RunConfig
-from ikdmil.device import autocast
+from ikdmil.device import autocast, to_device
 from ikdmil.engine.loop import BatchMeta, Step, dihedral
 from ikdmil.losses import bce_loss
 from ikdmil.methods.cam import CamRun
@@ -180,29 +180,29 @@ class PistoSegRun(CamRun):
         pos_maps = [part(cams[i], i) for i in pos_idx]
         scale = cfg.consistency_scale
 
-        def step(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta) -> dict[str, float]:
+        def step(x: torch.Tensor, y: torch.Tensor, meta: BatchMeta) -> dict[str, torch.Tensor]:
             view.train()
             b = x.shape[0]
             mosaics, masks = make_mosaic_batch(neg, pos, b, cfg.mosaic_grid, cfg.input_size, gen, pos_maps)
-            parts = [mosaics.to(device).float() / 255.0]
+            parts = [to_device(mosaics, device).float() / 255.0]
             if scale > 0:
                 real = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-                ops = torch.randint(0, 8, (b,), generator=gen).to(device)
+                ops = to_device(torch.randint(0, 8, (b,), generator=gen), device)
                 parts += [real, colour_jitter(dihedral(real, ops), gen)]
             inp = torch.cat(parts).contiguous(memory_format=torch.channels_last)
             with autocast(device, cfg.amp):
                 out, feats = view(inp, with_features=True)
-            seg = bce_loss(out.fused[:b], masks.to(device))
-            losses = {"seg": float(seg.detach())}
+            seg = bce_loss(out.fused[:b], to_device(masks, device))
+            losses = {"seg": seg.detach()}
             loss = seg
             if scale > 0:
                 cons = feature_consistency(feats[b:2 * b], feats[2 * b:], ops)
                 loss = seg + scale * cons
-                losses["consistency"] = float(cons.detach())
+                losses["consistency"] = cons.detach()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            return {"loss": float(loss.detach()), **losses}
+            return {"loss": loss.detach(), **losses}
 
         return step
 

@@ -475,6 +475,31 @@ def is_plain_image(path: Path) -> bool:
         return True
 
 
+def level0_area(path: Path) -> int:
+    """Width x height of the slide's level 0 from its header alone (no pixels decoded); 0 when unreadable.
+
+    A measure of a slide's work for sharing slides between ranks; errors surface when it is opened.
+    """
+    import openslide
+    import tifffile
+
+    try:
+        with openslide.OpenSlide(str(path)) as handle:
+            w, h = handle.dimensions
+        return int(w) * int(h)
+    except (openslide.OpenSlideError, OSError, ValueError):
+        pass
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):  # PIL refuses huge ones before reading the header
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                return int(page.imagewidth) * int(page.imagelength)
+        with Image.open(path) as img:
+            return img.size[0] * img.size[1]
+    except Exception:  # noqa: BLE001 - unreadable: weight 0, the slide fails on its own later
+        return 0
+
+
 def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
     """Files as given; folders replaced by their slide/image files (sorted, not recursive, no hidden files)."""
     files: list[Path] = []
