@@ -124,7 +124,7 @@ def main(argv=None) -> int:
                         xb, yb, index = next(it)
                     xb, ops, host_ops = augment(xb.to(device, non_blocking=True))
                     torch.compiler.cudagraph_mark_step_begin()
-                    step(xb, yb.to(device, non_blocking=True), BatchMeta(index, ops, host_ops))
+                    step(xb, yb.to(device, non_blocking=True), BatchMeta(index, ops, host_ops=host_ops))
                 return one
 
             opt = teacher_optimizer(teacher, 5e-5, 5e-4)

@@ -153,7 +153,7 @@ def test_a_nan_loss_at_any_step_stops_the_epoch_with_one_line():
 
 def test_batch_meta_gives_host_ops_without_a_device_read():
     ops = torch.tensor([1, 2])
-    assert BatchMeta(torch.arange(2), ops, ops.clone()).ops_on_host() is not ops  # the given host copy
+    assert BatchMeta(torch.arange(2), ops, host_ops=ops.clone()).ops_on_host() is not ops  # the given host copy
     assert torch.equal(BatchMeta(torch.arange(2), ops).ops_on_host(), ops)  # read from `ops` when not given
     assert BatchMeta(torch.arange(2), None).ops_on_host() is None
     loader = MemoryLoader(*_data(6), batch_size=3, seed=0, device=CPU, dist=Distributed())
