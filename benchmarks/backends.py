@@ -31,20 +31,10 @@ import torch
 from timing import matmul_peak_gflops, timed  # benchmarks/timing.py
 from torch.utils.flop_counter import FlopCounterMode
 
+from ikdmil.inference.onnx_backend import FusedMap
 from ikdmil.models import create_model
 
 BACKENDS = ("eager", "channels_last", "compile", "onnxruntime", "openvino")
-
-
-class FusedMap(torch.nn.Module):
-    """uint8 (B,3,H,W) -> fused probability map (B,1,H,W): the tensor `predict` stitches."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).fused.float()
 
 
 def tiles(batch: int, size: int, seed: int = 0) -> torch.Tensor:

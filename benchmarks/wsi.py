@@ -6,7 +6,7 @@ slide in irregular blobs. Only the tissue cells are stored (a memmap of cells), 
 100k x 100k slide is generated on a small disk. Then runs `ikdmil predict` on it in a child process
 with a random-init model of the requested backbone and input size (the compute of a trained one),
 sampling the memory of the child and its tile-reading workers every 0.1 s. Each configuration of
---configs (predict settings: `default` is today's path) runs in its own child on the same slide.
+--configs (predict settings: `torch` is the previous release's path) runs in its own child on the same slide.
 
 Prints one JSON line per configuration: tiles, tiles/s, tissue megapixels/s (level 0 and at the
 model's resolution), slides per hour for a standard Camelyon-like slide (100k x 100k px at this
@@ -18,7 +18,7 @@ memory-mapped output maps and libraries), the level-0 RGB size for comparison, a
     python benchmarks/wsi.py                                  # 20480 x 20480 px at 0.25 µm/px, CPU or GPU
     python benchmarks/wsi.py --size 100000 --tissue 0.004     # a 100k x 100k slide: the memory bound
     python benchmarks/wsi.py --device cpu --batch-size 8 --workers 2
-    python benchmarks/wsi.py --configs default               # today's path only
+    python benchmarks/wsi.py --configs torch,onnxruntime     # two of the configurations
     python benchmarks/wsi.py --smoke                          # a 1024 px slide, 64 px tiles: seconds (tests run it)
 """
 
@@ -41,7 +41,13 @@ CELL = 512
 TILE = 256
 GLASS = 242
 STANDARD_SLIDE_TISSUE_MPX = 100_000 * 100_000 * 0.30 / 1e6  # Camelyon-like: 100k x 100k px, 30 % tissue
-CONFIGS = {"default": {}, "large-tiles": {"large_tiles": True}}  # PredictSettings overrides per configuration
+CONFIGS = {  # PredictSettings overrides per configuration; "torch" is the path of the previous release
+    "torch": {"backend": "torch"},
+    "torch-large-tiles": {"backend": "torch", "large_tiles": True},
+    "onnxruntime": {"backend": "onnxruntime"},
+    "onnxruntime-large-tiles": {"backend": "onnxruntime", "large_tiles": True},
+    "default": {},
+}
 
 
 def _tissue_cells(n: int, fraction: float, seed: int) -> np.ndarray:
@@ -185,12 +191,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--configs", default=None,
                    help=f"comma-separated predict configurations, from {', '.join(CONFIGS)}; ratios are to the "
-                        f"first (default: all; --smoke: default)")
+                        f"first (default: all but `default`, which is one of them; --smoke: default)")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny run that checks the benchmark works (seconds; figures mean nothing); "
                         "a fresh temp folder unless --work")
     args = p.parse_args(argv)
-    args.configs = args.configs or ("default" if args.smoke else ",".join(CONFIGS))
+    args.configs = args.configs or ("default" if args.smoke else ",".join(c for c in CONFIGS if c != "default"))
     unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
     if unknown:
         p.error(f"unknown --configs {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")

@@ -28,6 +28,7 @@ from torch import nn
 
 from ikdmil.device import autocast
 from ikdmil.errors import IkdmilError
+from ikdmil.inference.onnx_backend import OnnxFused, resolve_backend
 from ikdmil.inference.settings import DEFAULT_MODEL_MPP, MAX_SLIDE_MPP, PredictSettings
 from ikdmil.stain import StainStats, from_meta
 
@@ -66,6 +67,8 @@ class LoadedModel:
     reach: int | None = None  # model px an output depends on around it (tile-invariant backbones only)
     net_stride: int = 1  # the backbone's coarsest output stride (tile origins are aligned to it)
     stain: StainStats | None = None  # the training data's stain statistics (None: the file has none)
+    backend: str = "torch"  # torch | onnxruntime (`ikdmil.inference.onnx_backend`)
+    runner: object | None = None  # the ONNX Runtime fused map when backend is onnxruntime
 
     def fused(self, x: torch.Tensor) -> torch.Tensor:
         """(B,H,W) float32 fused probability on the device for a uint8 (B,3,H,W) batch.
@@ -74,7 +77,8 @@ class LoadedModel:
         is NaN or infinite: such a value would make every map, measurement and JSON file downstream
         meaningless or invalid.
         """
-        y = fused_forward(self.model, x, self.device, self.amp)[:, 0].float()
+        y = (self.runner(x) if self.runner is not None else fused_forward(self.model, x, self.device, self.amp))
+        y = y[:, 0].float()
         if not bool(torch.isfinite(y).all()):
             raise IkdmilError(
                 f"the model {self.path} gives NaN or infinite values on this input (its weights overflow on "
@@ -114,6 +118,9 @@ def load_for_inference(path: str | os.PathLike, settings: PredictSettings,
                      stain=from_meta(meta, path))
     if settings.tile_size is None and settings.overlap is None:
         lm.reach, lm.net_stride = _reach_of(model, meta)
+    lm.backend = resolve_backend(settings.backend, device)
+    if lm.backend == "onnxruntime":
+        lm.runner = OnnxFused(model)
     logger.debug("model %s on %s: %s µm/px (%s), batch %d, reach %s px", path, device, mpp, source, batch, lm.reach)
     return lm
 

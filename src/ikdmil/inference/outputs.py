@@ -62,7 +62,7 @@ SUMMARY_INDEX = "predict_summary.json"
 PATCH_INDEX = "patches.json"
 PATCH_FOLDERS = ("masks", "overlays")
 #: settings that do not change what is written (left out when deciding whether two runs share a config file)
-RUNTIME_SETTINGS = ("device", "workers", "batch_size", "overwrite", "amp")
+RUNTIME_SETTINGS = ("device", "workers", "batch_size", "overwrite", "amp", "backend")
 
 
 @contextmanager

@@ -67,6 +67,7 @@ class PredictSettings:
     amp: bool = True
     overwrite: bool = False
     large_tiles: bool = False
+    backend: str = "auto"  # auto | torch | onnxruntime (see ikdmil.inference.onnx_backend)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -111,6 +112,9 @@ class PredictSettings:
         "patch_max": Opt("auto: largest patch image side", min=1),
         "device": Opt("auto | cpu | cuda | cuda:N", check=device_problem),
         "amp": Opt("bf16 autocast on CUDA"),
+        "backend": Opt("model runtime: auto (ONNX Runtime on CPU when installed: pip install 'ikdmil[onnx]', "
+                       "measured 1.5-1.65x faster there, same maps; else PyTorch) | torch | onnxruntime",
+                       choices=("auto", "torch", "onnxruntime")),
         "overwrite": Opt("redo slides already done with the same settings (default: skip them)"),
         "large_tiles": Opt("fully convolutional backbones (vgg16, resnet*): tiles of 384-2048 px, per slide the "
                            "size that computes the fewest pixels on its tissue, whose map equals one pass over the "

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from ikdmil.errors import IkdmilError
 from ikdmil.inference.model import LoadedModel, gaussian_radius, tile_maps
-from ikdmil.inference.outputs import check_owned, locked, write_marker
+from ikdmil.inference.outputs import RUNTIME_SETTINGS, check_owned, locked, write_marker
 from ikdmil.inference.sanity import slide_warnings
 from ikdmil.inference.settings import PredictSettings
 from ikdmil.inference.tiling import (
@@ -347,6 +347,7 @@ def slide_summary(job: SlideJob, stitcher: BandStitcher, polys: list, out_mpp: t
         "workers": workers,
         "batch_size": job.batch_size,
         "device": str(lm.device),
+        "backend": lm.backend,
         "files": list(OUTPUT_FILES),
         "overlay_legend": dict(SLIDE_OVERLAY_LEGEND),
     }
@@ -394,7 +395,7 @@ def _file_key(path: Path) -> str:
 
 def _settings_key(lm: LoadedModel, settings: PredictSettings, slide_path: Path) -> str:
     relevant = settings.to_dict()
-    for k in ("device", "workers", "batch_size", "overwrite", "amp"):
+    for k in RUNTIME_SETTINGS:
         relevant.pop(k, None)
     h = hashlib.sha256()
     h.update(json.dumps(relevant, sort_keys=True, default=str).encode())
