@@ -113,7 +113,7 @@ class PredictSettings:
         "device": Opt("auto | cpu | cuda | cuda:N", check=device_problem),
         "amp": Opt("bf16 autocast on CUDA"),
         "backend": Opt("model runtime: auto (ONNX Runtime on CPU when installed: pip install 'ikdmil[onnx]', "
-                       "measured 1.5-1.65x faster there, same maps; else PyTorch) | torch | onnxruntime",
+                       "measured 1.35x a slide's throughput there, same maps; else PyTorch) | torch | onnxruntime",
                        choices=("auto", "torch", "onnxruntime")),
         "overwrite": Opt("redo slides already done with the same settings (default: skip them)"),
         "large_tiles": Opt("fully convolutional backbones (vgg16, resnet*): tiles of 384-2048 px, per slide the "
