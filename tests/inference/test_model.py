@@ -52,14 +52,16 @@ def test_torch_smoothing_agrees_with_evaluation_smoothing_at_sigma_3_on_tile_map
 
 
 def test_inference_and_evaluation_share_one_forward_pass(tmp_path):
-    """`LoadedModel.fused` (predict) and `engine.evaluate.predict_fused` (evaluate) give the same maps."""
+    """`LoadedModel.fused` (predict, torch backend) and `engine.evaluate.predict_fused` (evaluate) give the same
+    maps (the ONNX Runtime backend is compared in test_onnx_backend.py)."""
     import torch
     from fakes.slides import vgg_model
 
     from ikdmil.engine.evaluate import predict_fused
     from ikdmil.inference import PredictSettings, load_for_inference
 
-    lm = load_for_inference(vgg_model(tmp_path / "v.safetensors", input_size=32), PredictSettings(device="cpu"))
+    lm = load_for_inference(vgg_model(tmp_path / "v.safetensors", input_size=32), PredictSettings(device="cpu",
+                                                                                               backend="torch"))
     images = np.random.default_rng(9).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     ours = lm.fused(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
     assert ours.shape == (3, 32, 32) and ours.std() > 0

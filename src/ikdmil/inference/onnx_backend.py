@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import threading
 import warnings
 
 import torch
@@ -22,6 +23,7 @@ from ikdmil.errors import IkdmilError
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnxruntime")
+_EXPORT_LOCK = threading.Lock()  # the exporter traces through global state: two threads exporting at once break
 
 
 class FusedMap(torch.nn.Module):
@@ -71,7 +73,7 @@ class OnnxFused:
         key = tuple(x.shape[-2:])
         if key not in self.sessions:
             buf = io.BytesIO()
-            with warnings.catch_warnings(), torch.no_grad():
+            with _EXPORT_LOCK, warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # the tracer's notes on Python loops over the side maps
                 torch.onnx.export(FusedMap(copy.deepcopy(self.model)).eval(), (x[:1],), buf, input_names=["tiles"],
                                   output_names=["fused"], dynamic_axes={"tiles": {0: "batch"}, "fused": {0: "batch"}},
