@@ -29,7 +29,7 @@ if [ "${SMOKE:-0}" = "1" ]; then
   caps=(600 600 600 600 600)  # a shared 2-core CPU is slow; the caps only guard
 else
   tp_args=(--device cuda --size 256 --batches 16 256 --images 4096)
-  wsi_args=(--device cuda --work "$out/wsi")
+  wsi_args=(--device cuda --work "$out/wsi" --configs torch,torch-large-tiles)
   glas_args=(--paper --device cuda)
   caps=(90 150 150 120 0)
 fi
