@@ -209,6 +209,9 @@ def test_bins_take_the_best_validation_and_its_test_score(tmp_path):
     (tmp_path / "metrics.csv").write_text(  # the older columns
         "phase,epoch,loss,val_teacher,val_student,swapped\ndistill,1,1,0.5,,\ndistill,2,1,0.5,0.6,True\n")
     assert read_validations(tmp_path) == [(2, 0.6, None)]
+    (tmp_path / "metrics.csv").write_text(  # --selection auc: the curve follows what selected (val_score)
+        "phase,epoch,loss,val_f1,val_auc,val_score,test_f1\ndistill,1,1,0.5,0.75,0.75,0.4\n")
+    assert read_validations(tmp_path) == [(1, 0.75, 0.4)]
 
 
 # ------------------------------------------------------------------ bad specs
@@ -260,7 +263,7 @@ def test_unknown_field_is_one_line():
 # ------------------------------------------------------------------ variants and profiles
 def test_every_variant_and_profile_is_defined():
     assert {"mil", "ikd", "kd-output", "kd-block", "kd-fusion", "no-swap", "no-wce", "wce-0", "wce-0.1",
-            "wce-0.25", "wce-0.5", "wce-1", "wce-5", "wd-authors", "oeem", "oaa", "pistoseg",
+            "wce-0.25", "wce-0.5", "wce-1", "wce-5", "wd-authors", "select-auc", "oeem", "oaa", "pistoseg",
             "supervised-unet"} == set(VARIANTS)
     assert set(PROFILES) == {"smoke", "cpu", "paper"}
     paper = PROFILES["paper"].overrides
@@ -282,6 +285,22 @@ def test_backbone_rows_use_their_own_teacher_loss(tiny_synth, tmp_path):
     assert teachers[("vgg16", "teacher-wd-authors")].cfg.weight_decay == pytest.approx(5e-5 / 4)
     assert len([j for j in plan.jobs if j.kind == "distill"]) == 4
     assert not (tmp_path / "exp").exists()  # planning does no work
+
+
+def test_select_auc_differs_from_ikd_only_in_selection_and_has_its_own_auc_teacher(tiny_synth, tmp_path):
+    from ikdmil.experiment.variants import comparable
+
+    plan = Plan(ExperimentSettings(data=str(tiny_synth), out=str(tmp_path / "exp"), profile="smoke",
+                                   variants="mil,ikd,select-auc", seeds=1))
+    distill = {j.variants[0]: j for j in plan.jobs if j.kind == "distill"}
+    ikd, auc = distill["ikd"].cfg.to_dict(), distill["select-auc"].cfg.to_dict()
+    assert {k for k in ikd if ikd[k] != auc[k]} == {"selection", "out"} and auc["selection"] == "auc"
+    teacher = distill["select-auc"].teacher
+    assert teacher.run_dir.parent.name == "teacher-select-auc" and teacher.cfg.selection == "auc"
+    assert distill["ikd"].teacher.cfg.selection == "auto"
+    # a default selection stays out of the keys, so runs finished before the option existed are reused
+    assert "selection" not in comparable(RunConfig()) and "selection_top_percent" not in comparable(RunConfig())
+    assert comparable(RunConfig(selection="auc"))["selection"] == "auc"
 
 
 @pytest.mark.parametrize("variant, field, value", [

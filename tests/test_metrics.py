@@ -10,7 +10,9 @@ from ikdmil.metrics import (
     contour_points,
     hausdorff,
     hd_paper,
+    image_auc,
     patch_scores,
+    pooled_score,
     smooth_probability,
     summarize,
 )
@@ -343,3 +345,41 @@ def test_summarize_absent_classes():
     assert only_pos["f1_neg"] is None and only_pos["iou_neg"] is None
     empty = summarize([])
     assert empty["n"] == 0 and empty["f1"] is None and empty["hd"] is None
+
+
+# ---------------------------------------------------------------- image level (selection without masks)
+def test_image_auc_perfect_inverted_and_ties():
+    labels = [1, 1, 0, 0]
+    assert image_auc([0.9, 0.8, 0.2, 0.1], labels) == 1.0
+    assert image_auc([0.1, 0.2, 0.8, 0.9], labels) == 0.0
+    assert image_auc([0.5, 0.5, 0.5, 0.5], labels) == 0.5  # every pair tied: 4 halves of 4 pairs
+    # pairs (pos, neg): (0.7, 0.7) tie = 1/2, (0.7, 0.1) = 1, (0.3, 0.7) = 0, (0.3, 0.1) = 1 -> 2.5 / 4
+    assert image_auc([0.7, 0.3, 0.7, 0.1], labels) == pytest.approx(0.625)
+
+
+def test_image_auc_matches_the_pair_count_on_random_scores():
+    rng = np.random.default_rng(0)
+    scores, labels = rng.integers(0, 5, 40) / 4, rng.integers(0, 2, 40)  # many ties
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairs = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    assert image_auc(scores, labels) == pytest.approx(pairs / (len(pos) * len(neg)))
+
+
+def test_image_auc_of_one_class_is_nan_and_bad_input_is_refused():
+    assert math.isnan(image_auc([0.2, 0.9], [1, 1]))
+    assert math.isnan(image_auc([0.2], [0]))
+    with pytest.raises(ValueError, match="one finite score and one label"):
+        image_auc([0.1, 0.2], [1, 2])
+    with pytest.raises(ValueError, match="one finite score and one label"):
+        image_auc([0.1, float("nan")], [1, 0])
+
+
+def test_pooled_score_is_the_mean_of_the_top_percent():
+    prob = np.zeros((10, 10))
+    prob[0, :5] = 1.0  # 5 % of the pixels
+    assert pooled_score(prob, 5) == 1.0
+    assert pooled_score(prob, 10) == 0.5  # top 10 px: five ones, five zeros
+    assert pooled_score(prob, 100) == pytest.approx(0.05)
+    assert pooled_score(prob, 0.01) == 1.0  # at least one pixel: the max
+    with pytest.raises(ValueError):
+        pooled_score(prob, 0)

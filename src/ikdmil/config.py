@@ -20,6 +20,8 @@ from ikdmil.typed_settings import Opt, brief, check_settings, load_settings, opt
 
 #: `RunConfig.compile_mode` values: auto, then torch.compile's own modes (`ikdmil.device.compile_mode_for`)
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: `RunConfig.selection` values: auto (F1 when validation has every mask, else AUC), f1, auc
+SELECTIONS = ("auto", "f1", "auc")
 
 
 # ----------------------------------------------------------------- the settings
@@ -89,6 +91,10 @@ class RunConfig:
     # (Fig. 2a) | block = student side i <- teacher side i, fused <- fused (Fig. 2b)
     kd_structure: str = "fusion"
     swap: bool = True  # swap teacher and student when the student wins on validation (off: the no-swap ablation)
+    # what picks epochs, fusion weights, swaps and the final model on validation (ikdmil.engine.run): auto = F1 when
+    # every validation positive has a mask, else the image AUC | f1 | auc (image labels only, even with masks)
+    selection: str = "auto"
+    selection_top_percent: float = 10.0  # the AUC's image score: mean of the top k % of the smoothed fused map
 
     # ---- the training method and the comparison rows' settings (issue 10; ikdmil.methods). IKD reads none
     # of the fields below `method`, and the experiment runner leaves them out of IKD runs' keys.
@@ -199,6 +205,12 @@ class RunConfig:
                             "only | block = side i <- side i and fused <- fused",
                             choices=("fusion", "output", "block")),
         "swap": Opt("swap teacher and student when the student wins on validation (--no-swap: the ablation)"),
+        "selection": Opt("validation criterion that picks the best epochs, fusion weights, swaps and the final "
+                         "model: auto = F1 when every validation positive has a mask, else AUC | f1 (needs the "
+                         "masks) | auc = ROC AUC of an image score from the fused map, image labels only",
+                         choices=SELECTIONS),
+        "selection_top_percent": Opt("AUC selection: an image's tumour score is the mean of the top K % of its "
+                                     "smoothed fused map", min=0.01, max=100, metavar="K"),
         "method": Opt("training method: ikd (IKD-MIL, the default) | oeem | oaa | pistoseg (CAM pseudo-mask "
                       "baselines) | supervised-unet (trains on the pixel masks: the only method that reads "
                       "training masks)"),

@@ -43,6 +43,12 @@ Rules
   ``f1_pos, iou_pos, f1_neg, iou_neg`` (means over the patches of that label, ``None`` when there
   are none); ``hd, hd95, hd_paper`` (means over the positive patches that have them, ``None`` when
   there are none). All values are plain Python ``int`` / ``float`` / ``None`` (JSON-serialisable).
+
+Image level (model selection without masks): :func:`pooled_score` turns a map into one tumour score
+per image, the mean of its top ``top_percent`` % pixels (10 % by default: the max is one pixel and
+follows noise, the whole-map mean follows how much of the image is tumour); :func:`image_auc` is the
+ROC AUC of those scores, positives against negatives, in its Mann-Whitney U form with average ranks,
+so tied scores count one half. It is NaN when either class is missing.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ __all__ = [
     "hd_paper",
     "patch_scores",
     "summarize",
+    "pooled_score",
+    "image_auc",
 ]
 
 
@@ -297,3 +305,29 @@ def summarize(scores: list[dict]) -> dict:
         "hd95": _mean(s["hd95"] for s in pos),
         "hd_paper": _mean(s.get("hd_paper") for s in pos),
     }
+
+
+def pooled_score(prob: np.ndarray, top_percent: float) -> float:
+    """Image-level tumour score of a map: the mean of its highest `top_percent` % values (at least one)."""
+    values = np.asarray(prob, np.float64).ravel()
+    if values.size == 0 or not 0 < top_percent <= 100:
+        raise ValueError(f"need a non-empty map and 0 < top_percent <= 100, got {values.size} px, {top_percent}")
+    k = max(1, int(math.ceil(values.size * top_percent / 100)))
+    return float(np.partition(values, values.size - k)[values.size - k:].mean())
+
+
+def image_auc(scores: Iterable[float], labels: Iterable[int]) -> float:
+    """ROC AUC of `scores` for labels 1 vs 0: P(score of a positive > score of a negative), ties 1/2.
+
+    Mann-Whitney U from average ranks (scipy's `rankdata`), exact with ties; NaN without both classes."""
+    from scipy.stats import rankdata
+
+    scores, labels = np.asarray(list(scores), np.float64), np.asarray(list(labels))
+    if scores.shape != labels.shape or not np.isin(labels, (0, 1)).all() or not np.isfinite(scores).all():
+        raise ValueError("image_auc needs one finite score and one label (0 or 1) per image")
+    pos = labels == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    u = rankdata(scores)[pos].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))

@@ -142,7 +142,7 @@ def test_resume_continues_exactly_where_it_stopped(tiny_synth, tmp_path, crash_a
     assert ra["models"]["student"]["val_score"] == pytest.approx(rb["models"]["student"]["val_score"], abs=1e-6)
 
 
-def test_validation_without_masks_falls_back_to_mil_loss(tiny_synth, tmp_path, tiny_config):
+def test_validation_without_masks_selects_by_image_auc(tiny_synth, tmp_path, tiny_config):
     from ikdmil.data.manifest import Sample, load_samples, write_manifest
 
     samples = load_samples(tiny_synth)
@@ -152,11 +152,11 @@ def test_validation_without_masks_falls_back_to_mil_loss(tiny_synth, tmp_path, t
     pipe = Pipeline(cfg, progress=False)
     assert not pipe.val_has_masks
     results = pipe.run()
-    assert results["selection_metric"] == "val -MIL loss"
-    assert results["models"]["teacher"]["val_score"] <= 0.0
+    assert pipe.selection == "auc" and results["selection_metric"] == "val AUC (top 10 % mean)"
+    assert 0.0 <= results["models"]["teacher"]["val_score"] <= 1.0
 
 
-def test_mil_loss_value_used_by_fallback_is_finite():
+def test_mil_loss_is_finite_on_a_mixed_batch():
     out = create_model("vgg16", pretrained="none")[0](torch.rand(2, 3, 32, 32))
     assert torch.isfinite(mil_loss(out, torch.tensor([1, 0])))
 

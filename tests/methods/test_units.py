@@ -84,6 +84,9 @@ def test_threshold_is_chosen_on_validation_masks_else_otsu():
     assert fallback["val_f1"] is None and "Otsu" in fallback["threshold_rule"]
     assert 0.2 <= fallback["threshold"] < 0.62  # separates the two levels of the positive's map
     assert pseudo_masks(maps, [1, 0], 0.25).tolist() == [truth[0].tolist(), np.zeros((8, 8), bool).tolist()]
+    label_only = choose_threshold(maps, val, maps, [1, 0], use_masks=False)  # --selection auc: masks unused
+    assert label_only["threshold"] == fallback["threshold"] and "label-only" in label_only["threshold_rule"]
+    assert label_only["val_f1"] is not None  # still reported
 
 
 def test_otsu_separates_two_modes():

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ikdmil.data.dataset import CachedArrays
 from ikdmil.data.scale import spread_starts
 from ikdmil.io import write_png
-from ikdmil.metrics import patch_scores, smooth_probability, summarize
+from ikdmil.metrics import image_auc, patch_scores, pooled_score, smooth_probability, summarize
 from ikdmil.visualize import overlay, side_by_side
 
 
@@ -122,6 +122,13 @@ def score_predictions(probs: np.ndarray, arrays: CachedArrays, sigma: float, thr
         scores.append(s)
     summary = summarize(scores) if scores else {"n": 0}
     return summary, scores
+
+
+def image_auc_of(probs: np.ndarray, arrays: CachedArrays, sigma: float, top_percent: float) -> float:
+    """ROC AUC (positive vs negative images) of each whole image's `pooled_score` of its smoothed map:
+    the label-only validation criterion (`ikdmil.engine.run`); NaN unless both classes are present."""
+    scores = [pooled_score(smooth_probability(arrays.valid(i, p), sigma), top_percent) for i, p in enumerate(probs)]
+    return image_auc(scores, np.asarray(arrays.labels))
 
 
 def evaluate_model(model: torch.nn.Module, arrays: CachedArrays, device: torch.device, sigma: float,

@@ -284,7 +284,7 @@ def _epoch_means(totals: dict[str, torch.Tensor], n: int, device: torch.device, 
 
 
 #: metrics.csv columns that come first, in this order, when any row has them (others follow as they appear)
-LEADING_COLUMNS = ("phase", "epoch", "loss", "val_f1", "val_score", "test_f1", "swap")
+LEADING_COLUMNS = ("phase", "epoch", "loss", "val_f1", "val_auc", "val_score", "test_f1", "swap")
 
 
 class MetricsLog:

@@ -22,7 +22,8 @@ Choices that differ from a literal reading of the paper, and why:
 - Teacher targets are exactly the live teacher's on the augmented batch (see `TeacherTargets`).
 
 metrics.csv columns: `phase` (teacher / fusion / distill), `epoch`, `loss`, `val_f1` (absent when
-validation has no masks), `val_score` (the selection score), `test_f1` (only with `track_test`),
+validation lacks masks), `val_auc` (image-level AUC, absent when validation lacks a class), `val_score`
+(the one of them `--selection` compares, see `ikdmil.engine.run`), `test_f1` (only with `track_test`),
 `swap` (stage 2: 1 when a swap happened after the epoch, else 0), then `kd`, `wce`, `cycle` (swaps
 before the epoch), `teacher_score` (the frozen teacher's val_score), `fusion_weights`, `fusion_kept`
 (1 when the fitted weights beat uniform), `seconds`.

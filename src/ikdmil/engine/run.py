@@ -13,6 +13,12 @@ Training masks: the training split is cached *without* its masks (`reads_train_m
 a weakly supervised method cannot read them even by mistake, and its training mask files are never
 opened. Only a subclass that sets `reads_train_masks = True` (`supervised-unet`, the fully
 supervised reference) gets them. Validation masks are read: model selection uses them.
+
+Model selection (`RunConfig.selection`, resolved once in `load_data`): every best epoch, fusion-weight,
+swap and final-model decision compares `val_score`, which is the validation F1 (`f1`; needs every
+validation positive's mask) or the image-level ROC AUC of the fused map (`auc`: image labels only, see
+`ikdmil.engine.evaluate.image_auc_of`); `auto` takes F1 when every mask is there, else AUC. Both are
+logged whatever selects (metrics.csv `val_f1` when the masks exist, `val_auc` when both classes do).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from ikdmil.data.dataset import CachedArrays, PatchDataset, build_cache
 from ikdmil.data.manifest import load_samples, select_split
 from ikdmil.data.scale import choose_scale
 from ikdmil.device import compile_mode_for, fits_on_device, setup_distributed
-from ikdmil.engine.evaluate import evaluate_model, predict_fused
+from ikdmil.engine.evaluate import evaluate_model, image_auc_of, predict_fused, score_predictions
 from ikdmil.engine.loop import (
     Augmenter,
     Cropper,
@@ -46,8 +52,7 @@ from ikdmil.engine.loop import (
 )
 from ikdmil.errors import IkdmilError
 from ikdmil.io import remove_stale_temps, write_text
-from ikdmil.losses import mil_loss
-from ikdmil.models import MILOutput, MILSegmenter, create_model
+from ikdmil.models import MILSegmenter, create_model
 from ikdmil.models.checkpoint import load_model, save_model
 from ikdmil.stain import training_stats
 
@@ -136,8 +141,7 @@ class TrainingRun:
         if self.dist.is_main:
             self.dist.barrier()
         self.val_has_masks = bool(self.val_arrays.has_mask.all())
-        if not self.val_has_masks:
-            self.info("note: some validation positives have no mask; model selection uses the validation MIL loss")
+        self.selection = self._resolve_selection()
 
     def _cache(self, samples, cache: str | None, desc: str) -> CachedArrays:
         return build_cache(samples, self.cfg.input_size, cache, self.progress, desc, self.scale)
@@ -214,31 +218,61 @@ class TrainingRun:
                 logger.debug("too few training images with tissue for stain statistics; the model file gets none")
         return self._stain_meta
 
-    def val_score(self, model: MILSegmenter) -> float:
-        """Validation F1 (all patches), or minus the MIL loss when validation masks are missing.
-
-        Every rank scores the whole (small) validation split, so all ranks take the same swap decision."""
-        cfg = self.cfg
-        if self.val_has_masks:
-            summary, _, _ = evaluate_model(model, self.val_arrays, self.device, cfg.eval_sigma, cfg.threshold,
-                                           cfg.batch_size * 2, cfg.amp, distances=False)
-            return float(summary["f1"])
-        arrays = self.val_arrays
+    def val_metrics(self, model: MILSegmenter) -> dict[str, float]:
+        """`val_f1` (when every validation positive has a mask) and `val_auc` (when validation has both
+        classes), from one pass over the validation split. Every rank scores the whole (small) split, so
+        all ranks take the same decisions."""
+        cfg, arrays = self.cfg, self.val_arrays
         probs = predict_fused(model, arrays, self.device, cfg.batch_size * 2, cfg.amp)
-        labels = torch.from_numpy(np.asarray(arrays.labels))
-        losses = [float(mil_loss(MILOutput(sides=[], fused=torch.from_numpy(arrays.valid(i, p).copy())[None, None]),
-                                 labels[i:i + 1])) for i, p in enumerate(probs)]  # each whole image, no padding
-        return -float(np.mean(losses))
+        out = {}
+        if self.val_has_masks:
+            out["val_f1"] = float(score_predictions(probs, arrays, cfg.eval_sigma, cfg.threshold, False)[0]["f1"])
+        auc = image_auc_of(probs, arrays, cfg.eval_sigma, cfg.selection_top_percent)
+        if not np.isnan(auc):
+            out["val_auc"] = auc
+        return out
+
+    def val_score(self, model: MILSegmenter) -> float:
+        """The score every selection compares: validation F1 or image AUC (`self.selection`)."""
+        return self.val_metrics(model)[f"val_{self.selection}"]
 
     def validation_fields(self, model: MILSegmenter) -> dict:
-        """A validation point for metrics.csv: `val_score` (the score selection uses), `val_f1` (when
-        validation has masks) and, with `track_test`, `test_f1`: for the plots only, never selects."""
-        score = self.val_score(model)
-        fields = {"val_f1": score} if self.val_has_masks else {}
-        fields["val_score"] = score
+        """A validation point for metrics.csv: `val_score` (the score selection uses), `val_f1` / `val_auc`
+        (see `val_metrics`) and, with `track_test`, `test_f1`: for the plots only, never selects."""
+        fields = self.val_metrics(model)
+        fields["val_score"] = fields[f"val_{self.selection}"]
         if self.cfg.track_test and self.test_arrays is not None:
             fields["test_f1"] = self.test_f1(model)
         return fields
+
+    def _resolve_selection(self) -> str:
+        """`cfg.selection` made "f1" or "auc" for this data (logged when it is AUC); one line when the
+        validation split cannot give it."""
+        cfg = self.cfg
+        labels = np.asarray(self.val_arrays.labels)
+        missing = int((~np.asarray(self.val_arrays.has_mask) & (labels == 1)).sum())
+        where = f"{cfg.data}: the validation split"
+        if cfg.selection == "f1" and missing:
+            raise IkdmilError(f"{where} has {missing} positive image(s) without a mask, which --selection f1 needs; "
+                              "add their masks or pass --selection auc (image labels only)")
+        chosen = "f1" if cfg.selection == "f1" or (cfg.selection == "auto" and not missing) else "auc"
+        if chosen == "auc" and len(np.unique(labels)) < 2:
+            has = "positive" if labels.all() else "negative"
+            raise IkdmilError(f"{where} has only {has} images, and selection by image AUC (--selection "
+                              f"{cfg.selection}) needs both; add images of the other class to val, or give every "
+                              "validation positive a mask and pass --selection f1")
+        if chosen == "auc":
+            why = (f"{missing} validation positive(s) have no mask" if cfg.selection == "auto"
+                   else "--selection auc")
+            self.info(f"note: {why}; model selection uses the ROC AUC of the validation images' tumour scores "
+                      f"(mean of the top {cfg.selection_top_percent:g} % of the fused map)")
+        return chosen
+
+    def selection_name(self) -> str:
+        """What selects, for results.json: "val F1" or "val AUC (top K % mean)"."""
+        if self.selection == "f1":
+            return "val F1"
+        return f"val AUC (top {self.cfg.selection_top_percent:g} % mean)"
 
     def test_f1(self, model: MILSegmenter) -> float | None:
         """F1 on the test split, for reporting (`track_test`); model selection never reads it."""
@@ -279,7 +313,7 @@ class TrainingRun:
         results = {"ikdmil": __version__, "method": self.cfg.method, "run_dir": str(self.run_dir),
                    "device": str(self.device), "host": platform.node(), "world_size": self.dist.world,
                    "seconds": round(seconds, 1), "swaps": swaps,
-                   "selection_metric": "val F1" if self.val_has_masks else "val -MIL loss", **(extra or {}),
+                   "selection_metric": self.selection_name(), **(extra or {}),
                    "models": {}}
         best = None
         for role in roles:

@@ -46,7 +46,8 @@ def _num(text) -> float | None:
 def read_validations(run_dir: Path) -> list[tuple[int, float, float | None]]:
     """(distill epoch, student validation score, test F1 or None) for every stage-2 validation point.
 
-    Reads `val_f1` / `test_f1` when the engine writes them, else the older `val_student` column."""
+    The validation score is `val_score` (what the run's `--selection` compares: F1 or image AUC), else
+    the older `val_f1` or `val_student` column."""
     path = Path(run_dir) / "metrics.csv"
     if not path.is_file():
         return []
@@ -56,9 +57,8 @@ def read_validations(run_dir: Path) -> list[tuple[int, float, float | None]]:
     for row in rows:
         if row.get("phase") != "distill":
             continue
-        val = _num(row.get("val_f1")) if "val_f1" in row else None
-        if val is None:
-            val = _num(row.get("val_student"))
+        val = next((v for v in map(_num, (row.get(k) for k in ("val_score", "val_f1", "val_student")))
+                    if v is not None), None)
         epoch = _num(row.get("epoch"))
         if val is None or epoch is None:
             continue
@@ -175,12 +175,10 @@ def write_plots(plan) -> list[Path]:
     student_names = [v for v in plan.variants if VARIANTS[v].student
                      and any(v == name and j.kind == "distill" for _, name, _, j in plan.entries)]
     for b in plan.backbones:
-        selection = None
-        for _, _, _, job in plan.entries:
-            if job.backbone == b and job.finished():
-                selection = json.loads((job.run_dir / MARKER).read_text())["results"].get("selection_metric")
-                break
-        ylabel = "F1" if selection in (None, "val F1") else f"validation score ({selection})"
+        selections = {json.loads((job.run_dir / MARKER).read_text())["results"].get("selection_metric")
+                      for _, _, _, job in plan.entries if job.backbone == b and job.finished()}
+        other = sorted(str(s) for s in selections - {None, "val F1"})
+        ylabel = "F1" if not other else f"validation score ({', '.join(sorted(selections - {None}))})"
         emitted = []
         groups = [(g, t, n) for g, (t, n) in GROUPS.items()] + [("all", "all variants", student_names)]
         for group, title, names in groups:

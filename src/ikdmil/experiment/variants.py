@@ -59,6 +59,11 @@ _ALL = [
     Variant("wd-authors", "weight decay of the authors' code: 5e-5 on batch sums = 5e-5 / batch size on "
             "our batch means (3.1e-6 at batch 16)",
             lambda cfg: {"weight_decay": AUTHORS_WEIGHT_DECAY / cfg.batch_size}, paper="issue 9 (7.)"),
+    # issue 11: label-only model selection. `selection` is a stage-1 field, so this row gets a teacher of its
+    # own (teacher-select-auc/), chosen by AUC too; its `teacher` model is the label-only counterpart of `mil`.
+    Variant("select-auc", "ikd with every choice (epochs, fusion weights, swaps, final model) made by the "
+            "validation image AUC: image labels only, even where masks exist", {"selection": "auc"},
+            paper="issue 11 (4.)"),
     # Table 1's comparison rows: other training methods (ikdmil.methods), each one standalone run per seed
     # that reports its segmentation network (model "segnet"); they share no teacher with IKD.
     Variant("oeem", "OEEM: CAM pseudo-masks -> segmentation network with online easy-example mining",
@@ -129,6 +134,9 @@ STAGE2_FIELDS = ("distill_epochs", "swap_every", "wce_scale", "kd_structure", "s
 # Fields that change where or how fast a run computes, not what it computes: a finished run is reused
 # whatever they were. (`data` is compared: the experiment resolves it to an absolute path.)
 MACHINE_FIELDS = ("out", "device", "workers", "loader", "cache_dir", "compile", "compile_mode")
+# Fields added after runs were keyed: left out of a key while at their default, so that finished runs of
+# before keep their keys (and are reused) whenever they computed the same thing.
+KEYED_FROM_DEFAULT = {"selection": "auto", "selection_top_percent": 10.0}
 # Fields only the comparison methods (ikdmil.methods other than ikd) read.
 METHOD_FIELDS = ("cam_epochs", "seg_epochs", "cam_threshold", "head_lr_scale", "decoder_width", "mosaic_grid",
                  "consistency_scale")
@@ -164,9 +172,11 @@ def _digest(d: dict) -> str:
 
 
 def comparable(cfg: RunConfig) -> dict:
-    """What a run computes: the config without the machine fields, and for IKD runs without `method`
-    and the fields only the other methods read (so IKD runs keep the keys they had before those existed)."""
-    d = {k: v for k, v in cfg.to_dict().items() if k not in MACHINE_FIELDS}
+    """What a run computes: the config without the machine fields and the `KEYED_FROM_DEFAULT` fields at
+    their default, and for IKD runs without `method` and the fields only the other methods read (so IKD runs
+    keep the keys they had before those existed)."""
+    d = {k: v for k, v in cfg.to_dict().items()
+         if k not in MACHINE_FIELDS and not (k in KEYED_FROM_DEFAULT and v == KEYED_FROM_DEFAULT[k])}
     if d.get("method", "ikd") == "ikd":
         d = {k: v for k, v in d.items() if k not in ("method", *METHOD_FIELDS)}
     return d

@@ -21,7 +21,7 @@ use 10x for their new layers), and at the paper's lr of 5e-5 a new head would ba
 few epochs of the `cpu` profile.
 
 metrics.csv columns: `phase` (the method's phase names), `epoch`, `loss` (and a method's parts, e.g.
-`seg`, `consistency`), `val_f1` / `val_score` (segmentation phases), `test_f1` (with `track_test`),
+`seg`, `consistency`), `val_f1` / `val_auc` / `val_score` (segmentation phases), `test_f1` (with `track_test`),
 `val_acc` (the CAM classifier's image-level accuracy on validation), `seconds`.
 """
 

@@ -14,10 +14,12 @@ Pseudo-masks: `map >= t` on positive images; a negative image's pseudo-mask is e
 there is no tumour). The threshold `t` (`choose_threshold`) is, unless `cam_threshold` fixes it, the
 one of 0.05, 0.10, ..., 0.95 whose pseudo-masks of the *validation* images score the best mean
 per-patch F1 against the validation masks (the metric of evaluation; ties: the lowest). Validation
-masks are what every method here uses to select models, never the training masks. Fallback when no
-validation positive has a mask: Otsu's threshold of the training positives' maps (the value that
-best separates their pixels into two classes), which needs no mask at all; `results.json` records
-which rule was used (`pseudo_masks.threshold_rule`) and the pseudo-masks' validation F1.
+masks are what every method here uses to select models, never the training masks. When no
+validation positive has a mask, or selection is label-only (`--selection auc`, or `auto` with a
+positive's mask missing: `ikdmil.engine.run`): Otsu's threshold of the training positives' maps
+(the value that best separates their pixels into two classes), which needs no mask at all;
+`results.json` records which rule was used (`pseudo_masks.threshold_rule`) and the pseudo-masks'
+validation F1.
 
 Each method writes its validation pseudo-masks to `pseudo_masks_val.npy` (uint8 (N,S,S), in the
 order of the validation split), for the `pseudo-masks` figure (`ikdmil.experiment.plots`).
@@ -138,21 +140,25 @@ def pseudo_mask_f1(maps: torch.Tensor, arrays: CachedArrays, threshold: float) -
 
 
 def choose_threshold(val_maps: torch.Tensor, val_arrays: CachedArrays, train_maps: torch.Tensor, train_labels,
-                     fixed: float = 0.0) -> dict:
-    """The pseudo-mask threshold (see the module docstring): {"threshold", "threshold_rule", "val_f1"}."""
-    scorable = bool((np.asarray(val_arrays.has_mask) & (np.asarray(val_arrays.labels) == 1)).any())
+                     fixed: float = 0.0, use_masks: bool = True) -> dict:
+    """The pseudo-mask threshold (see the module docstring): {"threshold", "threshold_rule", "val_f1"}.
+
+    `use_masks=False` (label-only selection, `--selection auc`) takes Otsu's threshold even when validation
+    has masks; their F1 is still reported."""
+    has_masks = bool((np.asarray(val_arrays.has_mask) & (np.asarray(val_arrays.labels) == 1)).any())
     if fixed > 0:
         t, rule = float(fixed), "fixed (--cam-threshold)"
-    elif scorable:
+    elif has_masks and use_masks:
         scores = [(pseudo_mask_f1(val_maps, val_arrays, t), t) for t in THRESHOLDS]
         best = max(s for s, _ in scores)
         t, rule = next(t for s, t in scores if s == best), "best validation F1"
     else:
         pos = np.asarray(train_labels) == 1
         values = train_maps[torch.from_numpy(pos)].numpy().ravel()
-        t, rule = otsu_threshold(values), "Otsu of the training positives' maps (validation has no masks)"
+        why = "validation has no masks" if not has_masks else "label-only selection"
+        t, rule = otsu_threshold(values), f"Otsu of the training positives' maps ({why})"
     return {"threshold": t, "threshold_rule": rule,
-            "val_f1": pseudo_mask_f1(val_maps, val_arrays, t) if scorable else None}
+            "val_f1": pseudo_mask_f1(val_maps, val_arrays, t) if has_masks else None}
 
 
 def save_array(path, array: np.ndarray) -> None:
@@ -276,7 +282,7 @@ class CamRun(SegRun):
         """Threshold (chosen on validation) -> `maps["pseudo"]` for the training images, the validation
         pseudo-masks to `pseudo_masks_val.npy`, and the choice in results.json (`pseudo_masks`)."""
         choice = choose_threshold(val_maps, self.val_arrays, train_maps, self.train_arrays.labels,
-                                  self.cfg.cam_threshold)
+                                  self.cfg.cam_threshold, use_masks=self.selection == "f1")
         self.maps["pseudo"] = pseudo_masks(train_maps, self.train_arrays.labels, choice["threshold"])[:, None]
         val = pseudo_masks(val_maps, self.val_arrays.labels, choice["threshold"])
         if self.dist.is_main:
