@@ -96,10 +96,17 @@ def scale_stains(rgb: np.ndarray, haematoxylin: float = 1.0, eosin: float = 1.0)
     return (np.clip(hed2rgb(hed), 0, 1) * 255).round().astype(np.uint8)
 
 
-def _matrices(device, dtype) -> tuple:
-    from skimage.color.colorconv import hed_from_rgb, rgb_from_hed
+_MATRICES: dict = {}
 
-    return (torch_tensor(hed_from_rgb, device, dtype), torch_tensor(rgb_from_hed, device, dtype))
+
+def _matrices(device, dtype) -> tuple:
+    """skimage's (hed_from_rgb, rgb_from_hed) on `device`, copied there once (no host copy per step)."""
+    key = (str(device), dtype)
+    if key not in _MATRICES:
+        from skimage.color.colorconv import hed_from_rgb, rgb_from_hed
+
+        _MATRICES[key] = (torch_tensor(hed_from_rgb, device, dtype), torch_tensor(rgb_from_hed, device, dtype))
+    return _MATRICES[key]
 
 
 def torch_tensor(a, device, dtype):
