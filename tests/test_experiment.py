@@ -264,8 +264,17 @@ def test_unknown_field_is_one_line():
 def test_every_variant_and_profile_is_defined():
     assert {"mil", "ikd", "kd-output", "kd-block", "kd-fusion", "no-swap", "no-wce", "wce-0", "wce-0.1",
             "wce-0.25", "wce-0.5", "wce-1", "wce-5", "wd-authors", "select-auc", "oeem", "oaa", "pistoseg",
-            "supervised-unet"} == set(VARIANTS)
+            "supervised-unet", "stain-aug", "stain-aug-mil"} == set(VARIANTS)
     assert set(PROFILES) == {"smoke", "cpu", "paper"}
+
+
+def test_stain_jitter_trains_its_own_teacher_shared_by_its_two_rows():
+    from ikdmil.experiment.variants import stage1_key
+
+    base = RunConfig()
+    keys = {n: stage1_key(apply_overrides(base, VARIANTS[n].resolve(base), n)) for n in ("ikd", "stain-aug",
+                                                                                         "stain-aug-mil")}
+    assert keys["stain-aug"] == keys["stain-aug-mil"] != keys["ikd"]
     paper = PROFILES["paper"].overrides
     assert (paper["input_size"], paper["teacher_epochs"], paper["fusion_epochs"], paper["distill_epochs"],
             paper["swap_every"]) == (256, 30, 10, 450, 30)

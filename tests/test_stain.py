@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from fakes.models import TinyNet
 from PIL import Image
 
@@ -10,7 +11,20 @@ from ikdmil.errors import IkdmilError
 from ikdmil.models import registry
 from ikdmil.models.checkpoint import read_model_meta
 from ikdmil.prepare.synth import synth_image
-from ikdmil.stain import from_meta, scale_stains, slide_stats, stain_distance, tissue_hed, training_stats
+from ikdmil.stain import (
+    from_meta,
+    hed_to_rgb,
+    measure_reinhard,
+    reinhard,
+    reinhard_from_meta,
+    reinhard_reference,
+    rgb_to_hed,
+    scale_stains,
+    slide_stats,
+    stain_distance,
+    tissue_hed,
+    training_stats,
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +74,83 @@ def test_training_stores_the_training_images_stain_in_the_model_file(tiny_synth,
     expected = training_stats(train)  # the synthetic images are already 32 px: the cache holds them as they are
     assert stain["space"] == "skimage-rgb2hed" and stain["images"] == len(train)
     assert stain["mean"] == pytest.approx(expected.mean, abs=1e-5)
+    # the Reinhard reference: data without mpp is at the assumed 0.5 µm/px, reduced towards 8 (32 px: to 16 px)
+    assert stain["reinhard"]["downsample"] == pytest.approx(2.0)
+    assert stain["reinhard"]["mean"] == pytest.approx(reinhard_reference(train, 0.5).mean, abs=1e-5)
+
+
+# ----------------------------------------------------------------- torch deconvolution, jitter, Reinhard
+def _batch(images) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+
+
+def test_the_torch_deconvolution_is_skimages(images):
+    from skimage.color import hed2rgb, rgb2hed
+
+    hed = rgb_to_hed(_batch(images[:4]))
+    expected = np.stack([rgb2hed(im) for im in images[:4]]).transpose(0, 3, 1, 2)
+    assert np.abs(hed.clamp(min=0).double().numpy() - expected).max() < 1e-6  # skimage clamps at 0, we do not
+    back = hed_to_rgb(hed).numpy().astype(int)
+    sk = np.stack([(hed2rgb(h.transpose(1, 2, 0)) * 255).round() for h in hed.double().numpy()]).transpose(0, 3, 1, 2)
+    assert np.abs(back - sk).max() <= 1  # float32 vs float64 at a rounding edge
+    assert torch.equal(hed_to_rgb(hed), _batch(images[:4]))  # unclamped: the round trip is exact
+
+
+def test_stain_jitter_at_strength_0_is_the_identity_and_draws_nothing(images):
+    from ikdmil.engine.loop import Augmenter
+
+    x = _batch(images[:4])
+    aug, plain = Augmenter(0, True, 0.0), Augmenter(0, True)
+    assert aug.jitter(x) is x
+    assert torch.equal(aug.gen.get_state(), plain.gen.get_state())  # old runs resume and repeat exactly
+
+
+def test_stain_jitter_is_seeded_resumable_and_scales_each_stain_by_about_sigma(images):
+    from ikdmil.engine.loop import Augmenter
+    from ikdmil.slide.tissue import saturation
+
+    x = _batch(np.repeat(images[1:2], 48, axis=0))  # one image, 48 draws
+    a, b = Augmenter(3, True, 0.1), Augmenter(3, True, 0.1)
+    state = a.gen.get_state()
+    first = a.jitter(x)
+    assert torch.equal(first, b.jitter(x)) and not torch.equal(first, a.jitter(x))
+    a.gen.set_state(state)  # what --resume restores
+    assert torch.equal(a.jitter(x), first)
+    keep = (saturation(images[1]) > 0.1) & (images[1].min(-1) > 20)  # tissue, away from RGB clipping
+    before, after = rgb_to_hed(x[:1])[0][:, keep].double(), rgb_to_hed(first).double()[:, :, keep]
+    slopes, shifts = [], []
+    for c in range(3):  # per image and channel the jitter is affine: fit after = scale * before + shift
+        design = torch.stack([before[c], torch.ones_like(before[c])], 1)
+        fit = torch.linalg.lstsq(design, after[:, c].T).solution  # (2, 48)
+        slopes.append(fit[0])
+        shifts.append(fit[1])
+    assert 0.07 < float(torch.stack(slopes).std()) < 0.13  # sigma 0.1
+    assert 0.0012 < float(torch.stack(shifts).std()) < 0.003  # sigma x SHIFT_UNIT = 0.002
+
+
+def test_reinhard_maps_a_shifted_stain_onto_the_reference_and_leaves_the_reference_alone(images):
+    ref = measure_reinhard(images[1])
+    shifted = scale_stains(images[1], haematoxylin=1.6, eosin=0.6)
+    source = measure_reinhard(shifted)
+    assert abs(source.mean[0] / ref.mean[0] - 1) > 0.3
+    out = reinhard(_batch(shifted[None]), source, ref)[0].permute(1, 2, 0).numpy()
+    got = measure_reinhard(out)
+    for c in (0, 1):  # tolerance: 5 % of the mean, 10 % of the std (uint8 rounding, tissue pixels re-selected)
+        assert got.mean[c] == pytest.approx(ref.mean[c], rel=0.05)
+        assert got.std[c] == pytest.approx(ref.std[c], rel=0.1)
+    same = reinhard(_batch(images[1:2]), ref, ref)[0].permute(1, 2, 0).numpy()
+    assert np.abs(same.astype(int) - images[1]).max() <= 1
+
+
+def test_the_reference_is_measured_at_the_overview_scale_and_old_model_files_give_one_line(images):
+    ref = reinhard_reference(images, model_mpp=2.0)  # 8 µm/px would be 4x smaller: 64 px -> 16 px
+    assert ref.downsample == pytest.approx(4.0) and ref.mpp == pytest.approx(8.0)
+    assert reinhard_reference(images, model_mpp=0.25).downsample == pytest.approx(4.0)  # never below 16 px
+    back = reinhard_from_meta({"stain": {"reinhard": ref.to_meta()}}, "m.safetensors")
+    assert back.mean == pytest.approx(ref.mean, abs=1e-6)
+    for meta in ({}, {"stain": training_stats(images).to_meta()}):
+        with pytest.raises(IkdmilError, match=r"m.safetensors: the model file has no stain reference .* retrain "
+                                               r"it, or pass --stain-normalise none"):
+            reinhard_from_meta(meta, "m.safetensors")
+    with pytest.raises(IkdmilError, match="m.safetensors: damaged stain reference"):
+        reinhard_from_meta({"stain": {"reinhard": dict(ref.to_meta(), std=[1, -1, 1])}}, "m.safetensors")

@@ -56,6 +56,7 @@ class RunConfig:
     swap_every: int = 30  # validate teacher vs student and maybe swap every N stage-2 epochs
     wce_scale: float = 0.25  # a in L_s = L_kd + a * L_wce
     augment: bool = True  # random flips and 90-degree rotations (applied to teacher and student alike)
+    stain_augment: float = 0.0  # HED stain jitter strength sigma (ikdmil.stain); 0 = off until validation says
     teacher_cache: bool = True  # stage 2: cache the teacher's maps per image and view within a cycle; off = run it live
     eval_sigma: float = 3.0  # Gaussian smoothing of the fused map before thresholding (paper: 3)
     threshold: float = 0.5
@@ -171,6 +172,10 @@ class RunConfig:
                           "student wins", min=1),
         "wce_scale": Opt("weight a of the weighted-CE regulariser", min=0),
         "augment": Opt("random flips and 90-degree rotations"),
+        "stain_augment": Opt("HED stain jitter in training: per image each of H, E and the residual x (1 + N(0, "
+                             "SIGMA)) + N(0, SIGMA x 0.02); default 0 = off until a validation measurement supports "
+                             "another value (the stain-aug experiment variant: 0.05); stage 2's teacher sees the "
+                             "un-jittered image", min=0, max=1),
         "teacher_cache": Opt("stage 2: cache the frozen teacher's maps per image and flip/rotation within a cycle "
                              "(exactly the live teacher's); --no-teacher-cache runs it live in every step"),
         "eval_sigma": Opt("Gaussian sigma (px) applied to the fused map before thresholding (paper: 3; 0 = off)",

@@ -18,8 +18,23 @@ average stain lies beyond three training-image standard deviations). At predict 
 taken on its thumbnail, which averages fine texture: that lowers the mean H by about a tenth at 8x
 coarser than the training images (synthetic tissue), 0.3 of a typical spread, well inside the threshold.
 
-`scale_stains` changes the staining of an image (tests, `benchmarks/stain.py`). A later stain
-normalisation (Reinhard, Macenko) can keep its reference next to these fields.
+`scale_stains` changes the staining of an image (tests, `benchmarks/stain.py`).
+
+Torch colour deconvolution (`rgb_to_hed`, `hed_to_rgb`): skimage's own matrices and log scaling, on
+any device, without the clamp of negative concentrations (so that a round trip is exact up to uint8
+rounding). Two uses share it:
+
+- **Augmentation** (`jitter_stains`, training `--stain-augment SIGMA`): per image, each HED channel
+  ``c -> c * (1 + N(0, sigma)) + N(0, sigma * SHIFT_UNIT)``. `SHIFT_UNIT` is a typical tissue
+  concentration (mean H and E of H&E tissue lie around 0.005-0.1 in these units).
+- **Reinhard normalisation** (`reinhard`, predict `--stain-normalise reinhard`): per HED channel the
+  slide's tissue mean and std are mapped onto the training data's, ``c -> (c - m_s) / s_s * s_r + m_r``.
+  The statistics of both sides are measured at the same coarse resolution (`ReinhardReference.mpp`,
+  the tissue overview's ~8 µm/px), because a slide's statistics come from its overview once per
+  slide, so every tile of a slide gets the same mapping whatever the tile size; std shrinks with
+  resolution (fine texture averages out), so comparing a thumbnail's std with full-resolution
+  training pixels would over-stretch every slide. Pure concentration scaling (another lab's
+  staining) is undone exactly and glass (zero concentration) stays glass.
 """
 
 from __future__ import annotations
@@ -39,6 +54,12 @@ MIN_IMAGES = 2  # a spread needs at least two images
 STAIN_Z_WARN = 3.0
 SCALE_FLOOR = 0.1  # scale >= this x the pixel std
 MAX_IMAGES = 512  # training images measured (evenly spaced), each on a stride-2 pixel grid
+SHIFT_UNIT = 0.02  # augmentation shift std = sigma x this (HED units of skimage.color.rgb2hed)
+LOG_ADJUST = float(np.log(1e-6))  # skimage's scaling of the optical density
+REFERENCE_MPP = 8.0  # µm/px at which Reinhard statistics are measured (the tissue overview's, TissueParams.mpp)
+MIN_REFERENCE_SIDE = 16  # training images are not reduced below this many px for the Reinhard reference
+STD_FLOOR = 1e-4  # a channel with less spread than this is only shifted, never divided by ~0
+NORMALISE = ("none", "reinhard")
 
 
 @dataclass(frozen=True)
@@ -73,6 +94,169 @@ def scale_stains(rgb: np.ndarray, haematoxylin: float = 1.0, eosin: float = 1.0)
     hed[..., 0] *= haematoxylin
     hed[..., 1] *= eosin
     return (np.clip(hed2rgb(hed), 0, 1) * 255).round().astype(np.uint8)
+
+
+_MATRICES: dict = {}
+
+
+def _matrices(device, dtype) -> tuple:
+    """skimage's (hed_from_rgb, rgb_from_hed) on `device`, copied there once (no host copy per step)."""
+    key = (str(device), dtype)
+    if key not in _MATRICES:
+        from skimage.color.colorconv import hed_from_rgb, rgb_from_hed
+
+        _MATRICES[key] = (torch_tensor(hed_from_rgb, device, dtype), torch_tensor(rgb_from_hed, device, dtype))
+    return _MATRICES[key]
+
+
+def torch_tensor(a, device, dtype):
+    import torch
+
+    return torch.as_tensor(np.asarray(a), dtype=dtype, device=device)
+
+
+def rgb_to_hed(x):
+    """(B,3,H,W) uint8 RGB -> float32 HED concentrations, as skimage.color.rgb2hed but unclamped."""
+    import torch
+
+    hed_from_rgb, _ = _matrices(x.device, torch.float32)
+    rgb = (x.float() / 255.0).clamp(min=1e-6)
+    return torch.einsum("bchw,cd->bdhw", torch.log(rgb) / LOG_ADJUST, hed_from_rgb)
+
+
+def hed_to_rgb(hed):
+    """(B,3,H,W) float HED -> uint8 RGB, as skimage.color.hed2rgb (then x 255, rounded)."""
+    import torch
+
+    _, rgb_from_hed = _matrices(hed.device, torch.float32)
+    rgb = torch.exp(torch.einsum("bchw,cd->bdhw", hed.float() * LOG_ADJUST, rgb_from_hed)).clamp(0, 1)
+    return (rgb * 255).round().to(torch.uint8)
+
+
+def jitter_stains(x, sigma: float, generator):
+    """uint8 (B,3,H,W) batch with each image's H, E and residual scaled and shifted at random (module
+    docstring); the draws come from `generator` (on the host, so that resume reproduces them). sigma 0:
+    x itself, nothing drawn."""
+    import torch
+
+    if sigma <= 0:
+        return x
+    z = torch.randn((x.shape[0], 2, 3), generator=generator).to(x.device, non_blocking=True)
+    scale, shift = 1 + sigma * z[:, 0, :, None, None], sigma * SHIFT_UNIT * z[:, 1, :, None, None]
+    out = hed_to_rgb(rgb_to_hed(x) * scale + shift)
+    return out.contiguous(memory_format=torch.channels_last) if not x.is_contiguous() else out
+
+
+@dataclass(frozen=True)
+class ReinhardReference:
+    """Per-channel HED mean and std of tissue pixels measured at `mpp` µm/px: the training images reduced
+    `downsample` times from the model's scale (stored in the model file), or a slide's overview."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    mpp: float
+    downsample: float
+
+    def to_meta(self) -> dict:
+        return {"mean": _rounded(self.mean), "std": _rounded(self.std), "mpp": round(self.mpp, 6),
+                "downsample": round(self.downsample, 6)}
+
+
+def reduce_rgb(rgb: np.ndarray, factor: float) -> np.ndarray:
+    """uint8 RGB shrunk `factor` times by box averaging (as a slide pyramid's overview); itself at <= 1."""
+    if factor <= 1.0:
+        return rgb
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    size = (max(1, round(w / factor)), max(1, round(h / factor)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
+
+
+def _hed_pixels(rgb: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """(N,3) unclamped HED (the normaliser's space) of the tissue pixels of a uint8 RGB image."""
+    import torch
+
+    from ikdmil.slide.tissue import saturation
+
+    keep = saturation(rgb) > TISSUE_SATURATION
+    if mask is not None:
+        keep &= mask
+    if not keep.any():
+        return np.zeros((0, 3), np.float64)
+    pixels = torch.from_numpy(np.ascontiguousarray(rgb[keep]))[None].permute(2, 0, 1)[None]  # (1,3,1,N)
+    return rgb_to_hed(pixels)[0, :, 0].T.double().numpy()
+
+
+def reinhard_reference(images: np.ndarray, model_mpp: float, max_images: int = MAX_IMAGES
+                       ) -> ReinhardReference | None:
+    """The Reinhard reference of (N,S,S,3) uint8 training images at model scale `model_mpp` µm/px: each
+    reduced to `REFERENCE_MPP` (never below `MIN_REFERENCE_SIDE` px); None without tissue."""
+    n = len(images)
+    if n == 0:
+        return None
+    factor = max(1.0, min(REFERENCE_MPP / model_mpp, min(images.shape[1:3]) / MIN_REFERENCE_SIDE))
+    picks = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(int))
+    hed = [_hed_pixels(reduce_rgb(np.asarray(images[i]), factor)) for i in picks]
+    hed = np.concatenate(hed)
+    if len(hed) < 2:
+        return None
+    return ReinhardReference(_floats(hed.mean(0)), _floats(hed.std(0)), model_mpp * factor, factor)
+
+
+def measure_reinhard(rgb: np.ndarray, mask: np.ndarray | None = None) -> ReinhardReference | None:
+    """A slide's (or patch's) statistics from an RGB image already at the reference's µm/px."""
+    hed = _hed_pixels(rgb, mask)
+    if len(hed) < 2:
+        return None
+    return ReinhardReference(_floats(hed.mean(0)), _floats(hed.std(0)), 0.0, 1.0)
+
+
+def overview_reference(overview: np.ndarray, mask: np.ndarray | None, overview_mpp: float,
+                       target_mpp: float) -> ReinhardReference | None:
+    """A slide's statistics from its tissue overview (at `overview_mpp` µm/px), reduced to the reference's
+    `target_mpp` first when the overview is finer; None without tissue."""
+    factor = target_mpp / overview_mpp
+    if factor > 1.0:
+        small = reduce_rgb(overview, factor)
+        if mask is not None:
+            from PIL import Image
+
+            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(
+                (small.shape[1], small.shape[0]), Image.Resampling.BOX)) >= 128
+        overview = small
+    return measure_reinhard(overview, mask)
+
+
+def reinhard(x, source: ReinhardReference, target: ReinhardReference):
+    """uint8 (B,3,H,W) with every pixel's HED mapped from `source`'s statistics onto `target`'s."""
+    import torch
+
+    dev = x.device
+    m_s, m_t = torch_tensor(source.mean, dev, torch.float32), torch_tensor(target.mean, dev, torch.float32)
+    s_s = torch_tensor(source.std, dev, torch.float32)
+    gain = torch.where(s_s > STD_FLOOR, torch_tensor(target.std, dev, torch.float32) / s_s.clamp(min=STD_FLOOR),
+                       torch.ones_like(s_s))
+    view = (1, 3, 1, 1)
+    return hed_to_rgb((rgb_to_hed(x) - m_s.view(view)) * gain.view(view) + m_t.view(view))
+
+
+def reinhard_from_meta(meta: dict, path: str | Path) -> ReinhardReference:
+    """The model file's Reinhard reference; a one-line error when it has none (older files) or it is damaged."""
+    entry = (meta.get("stain") or {}).get("reinhard") if isinstance(meta.get("stain"), dict) else None
+    if entry is None:
+        raise IkdmilError(f"{path}: the model file has no stain reference (written by an older ikdmil); retrain "
+                          "it, or pass --stain-normalise none")
+    try:
+        mean, std = (tuple(float(v) for v in entry[k]) for k in ("mean", "std"))
+        mpp, factor = float(entry["mpp"]), float(entry["downsample"])
+        if len(mean) != 3 or len(std) != 3 or not np.all(np.isfinite(mean + std)) or min(std) < 0 or \
+                not (mpp > 0 and factor >= 1):
+            raise ValueError("values")
+        return ReinhardReference(mean, std, mpp, factor)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IkdmilError(f"{path}: damaged stain reference in the model file's metadata ({exc}); copy the file "
+                          "again, retrain, or pass --stain-normalise none") from None
 
 
 def tissue_hed(rgb: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:

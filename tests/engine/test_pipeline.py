@@ -114,12 +114,13 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("crash_at", [("teacher", 1), ("distill", 1)])
-def test_resume_continues_exactly_where_it_stopped(tiny_synth, tmp_path, crash_at, tiny_config):
-    straight = Pipeline(tiny_config(tiny_synth, tmp_path / "a"), progress=False)
+@pytest.mark.parametrize("crash_at, stain", [(("teacher", 1), 0.0), (("distill", 1), 0.0), (("teacher", 1), 0.1)])
+def test_resume_continues_exactly_where_it_stopped(tiny_synth, tmp_path, crash_at, stain, tiny_config):
+    """Also with --stain-augment: its draws come from the augmenter's generator, saved in the checkpoint."""
+    straight = Pipeline(tiny_config(tiny_synth, tmp_path / "a", stain_augment=stain), progress=False)
     straight.run()
 
-    cfg_b = tiny_config(tiny_synth, tmp_path / "b")
+    cfg_b = tiny_config(tiny_synth, tmp_path / "b", stain_augment=stain)
     interrupted = Pipeline(cfg_b, progress=False)
 
     def crash(phase, epoch):

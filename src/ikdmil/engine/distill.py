@@ -157,6 +157,8 @@ class TeacherTargets:
     def __call__(self, x: torch.Tensor, meta: BatchMeta) -> torch.Tensor:
         """Targets (B, channels, S, S) float32 for the augmented batch x (rows meta.index, crop positions
         meta.view, views meta.ops)."""
+        if meta.plain is not None:  # stain jitter: the teacher sees the un-jittered view
+            x = meta.plain
         if self.maps is None:
             return self._mean8(x) if self.mode == "mean8" else self._maps(x)
         store = self.maps.device
@@ -188,7 +190,8 @@ def make_distill_step(student: torch.nn.Module, teacher: MILSegmenter, opt: torc
         if targets is not None:
             maps = targets(x, meta)
         else:
-            maps = teacher_maps(teacher, x, device, amp, channels)
+            plain = x if meta is None or meta.plain is None else meta.plain  # the teacher never sees stain jitter
+            maps = teacher_maps(teacher, plain, device, amp, channels)
         t_out = MILOutput(sides=list(maps[:, :-1].split(1, dim=1)), fused=maps[:, -1:])
         student.train()
         with autocast(device, amp):

@@ -18,6 +18,7 @@ from ikdmil.data.scale import spread_starts
 from ikdmil.device import Distributed, to_device
 from ikdmil.errors import IkdmilError
 from ikdmil.io import atomic_path, write_text
+from ikdmil.stain import jitter_stains
 
 
 def _dihedral_op(y: torch.Tensor, op: int) -> torch.Tensor:
@@ -68,11 +69,17 @@ def dihedral_inverse(y: torch.Tensor, ops: torch.Tensor) -> torch.Tensor:
 
 
 class Augmenter:
-    """Random dihedral augmentation from its own seeded generator (so resume reproduces it)."""
+    """Random dihedral augmentation and HED stain jitter (`ikdmil.stain.jitter_stains`, strength `stain`)
+    from its own seeded generator (so resume reproduces them; at stain 0 nothing more is drawn)."""
 
-    def __init__(self, seed: int, enabled: bool):
+    def __init__(self, seed: int, enabled: bool, stain: float = 0.0):
         self.enabled = enabled
+        self.stain = stain
         self.gen = torch.Generator().manual_seed(seed + 7919)
+
+    def jitter(self, x: torch.Tensor) -> torch.Tensor:
+        """The uint8 batch with each image's stains jittered on its device; x itself at strength 0."""
+        return jitter_stains(x, self.stain, self.gen)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Augmented batch and the op drawn per sample, on x's device and on the host (None, None when
@@ -147,6 +154,9 @@ class BatchMeta:
     view: torch.Tensor | None = None
     offsets: torch.Tensor | None = None
     host_ops: torch.Tensor | None = None  # `ops` on the host, for bookkeeping that must not wait for the GPU
+    # the batch before stain jitter (None: no jitter): stage 2's teacher sees it, so its cached maps stay
+    # exact per (image, crop, view) and the student learns to match them whatever the stain
+    plain: torch.Tensor | None = None
 
     def ops_on_host(self) -> torch.Tensor | None:
         """The ops as a host tensor (copied from the device only when the caller did not give `host_ops`)."""
@@ -254,10 +264,11 @@ def run_epoch(
         view = offsets = None
         if crop is not None:
             x, view, offsets = crop(x, index)
-        x, ops, host_ops = augment(x.to(device, non_blocking=True))
+        plain, ops, host_ops = augment(x.to(device, non_blocking=True))
+        x = augment.jitter(plain)
         y = y.to(device, non_blocking=True)
         torch.compiler.cudagraph_mark_step_begin()  # --compile-mode reduce-overhead: each step is a new graph replay
-        losses = step(x, y, BatchMeta(index, ops, view, offsets, host_ops))
+        losses = step(x, y, BatchMeta(index, ops, view, offsets, host_ops, None if x is plain else plain))
         b = x.shape[0]
         n += b
         for k, v in losses.items():

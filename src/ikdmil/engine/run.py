@@ -51,10 +51,11 @@ from ikdmil.engine.loop import (
     set_loader_epoch,
 )
 from ikdmil.errors import IkdmilError
+from ikdmil.inference.settings import DEFAULT_MODEL_MPP
 from ikdmil.io import remove_stale_temps, write_text
 from ikdmil.models import MILSegmenter, create_model
 from ikdmil.models.checkpoint import load_model, save_model
-from ikdmil.stain import training_stats
+from ikdmil.stain import reinhard_reference, training_stats
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ class TrainingRun:
         else:
             self.loader, self.loader_gen = make_loader(PatchDataset(self.train_arrays), cfg.batch_size, True,
                                                        cfg.seed, cfg.workers, self.device, self.dist)
-        self.augment = Augmenter(cfg.seed, cfg.augment)
+        self.augment = Augmenter(cfg.seed, cfg.augment, cfg.stain_augment)
         self.crop = Cropper(self.train_arrays.sizes, cfg.input_size, cfg.seed)
 
     def epoch_loader(self, epochs_run: int):
@@ -212,8 +213,13 @@ class TrainingRun:
     def stain_meta(self) -> dict | None:
         """The training images' stain statistics for the model file (`ikdmil.stain`), measured once per run."""
         if not hasattr(self, "_stain_meta"):
-            stats = training_stats(self.train_arrays.images)
+            images = self.train_arrays.images
+            stats = training_stats(images)
             self._stain_meta = None if stats is None else stats.to_meta()
+            # predict --stain-normalise reinhard maps slides onto this (at predict's idea of the model's µm/px)
+            ref = reinhard_reference(images, self.scale.mpp if self.scale.mpp > 0 else DEFAULT_MODEL_MPP)
+            if self._stain_meta is not None and ref is not None:
+                self._stain_meta["reinhard"] = ref.to_meta()
             if stats is None:
                 logger.debug("too few training images with tissue for stain statistics; the model file gets none")
         return self._stain_meta

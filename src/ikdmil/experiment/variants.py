@@ -56,6 +56,11 @@ _ALL = [
             paper="Figs. 7-8"),
     Variant("no-wce", "no wCE regulariser (a = 0)", {"wce_scale": 0.0}, paper="Table 3"),
     *[_wce(a) for a in (0.0, 0.1, 0.25, 0.5, 1.0, 5.0)],
+    # issue 11 (5.): HED stain jitter changes the teacher (stage 1), so these runs train their own teacher
+    Variant("stain-aug", "IKD-MIL with HED stain jitter, --stain-augment 0.05", {"stain_augment": 0.05},
+            paper="issue 11 (5.)"),
+    Variant("stain-aug-mil", "the stage-1 teacher alone, trained with --stain-augment 0.05", {"stain_augment": 0.05},
+            student=False, paper="issue 11 (5.)"),
     Variant("wd-authors", "weight decay of the authors' code: 5e-5 on batch sums = 5e-5 / batch size on "
             "our batch means (3.1e-6 at batch 16)",
             lambda cfg: {"weight_decay": AUTHORS_WEIGHT_DECAY / cfg.batch_size}, paper="issue 9 (7.)"),

@@ -57,6 +57,7 @@ from ikdmil.inference.slide import is_done, predict_slide
 from ikdmil.inference.tiling import resolve_tiling
 from ikdmil.io import one_line, read_rgb, remove_stale_temps, write_png
 from ikdmil.slide.reader import PLAIN_SUFFIXES, expand_inputs, is_plain_image, level0_area
+from ikdmil.stain import ReinhardReference, measure_reinhard, reduce_rgb, reinhard
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +291,8 @@ def predict_patches(lm: LoadedModel, paths: list[Path], out: Path, settings: Pre
                 failures.append((p, str(exc)))
         if ok:
             batch = torch.from_numpy(np.stack([resize_rgb(im, size) for im in images])).permute(0, 3, 1, 2)
+            if lm.reinhard is not None:
+                batch = normalise_patches(batch, lm.reinhard)
             try:
                 probs = gaussian_smooth(lm.fused(batch), settings.sigma).cpu().numpy()
             except IkdmilError as exc:  # non-finite model output
@@ -307,6 +310,17 @@ def predict_patches(lm: LoadedModel, paths: list[Path], out: Path, settings: Pre
         bar.update(len(chunk))
     bar.close()
     return failures
+
+
+def normalise_patches(batch: torch.Tensor, reference: ReinhardReference) -> torch.Tensor:
+    """--stain-normalise reinhard for patches: each one mapped by its own statistics (measured, like the
+    reference, `reference.downsample` times smaller); a patch without stained tissue is left as it is."""
+    out = []
+    for x in batch:
+        rgb = x.permute(1, 2, 0).numpy()
+        source = measure_reinhard(reduce_rgb(rgb, reference.downsample))
+        out.append(x if source is None else reinhard(x[None], source, reference)[0])
+    return torch.stack(out)
 
 
 def classify_input(path: Path, settings: PredictSettings) -> str:

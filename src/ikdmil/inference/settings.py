@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ikdmil.slide.tissue import TissueParams
+from ikdmil.stain import NORMALISE
 from ikdmil.typed_settings import Opt, check_settings
 
 DEFAULT_MODEL_MPP = 0.5  # 20x: the resolution models are assumed to be trained at unless they say otherwise
@@ -68,6 +69,7 @@ class PredictSettings:
     overwrite: bool = False
     large_tiles: bool = False
     backend: str = "auto"  # auto | torch | onnxruntime (see ikdmil.inference.onnx_backend)
+    stain_normalise: str = "none"  # none | reinhard (ikdmil.stain): map each slide's stain onto the training data's
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -115,6 +117,10 @@ class PredictSettings:
         "backend": Opt("model runtime: auto (ONNX Runtime on CPU when installed: pip install 'ikdmil[onnx]', "
                        "measured 1.35x a slide's throughput there, same maps; else PyTorch) | torch | onnxruntime",
                        choices=("auto", "torch", "onnxruntime")),
+        "stain_normalise": Opt("stain normalisation before the model: none | reinhard = map the slide's mean and "
+                               "std of haematoxylin / eosin (measured once per slide on its tissue overview, or per "
+                               "patch) onto the training data's, stored in the model file",
+                               choices=NORMALISE),
         "overwrite": Opt("redo slides already done with the same settings (default: skip them)"),
         "large_tiles": Opt("fully convolutional backbones (vgg16, resnet*): tiles of 384-2048 px, per slide the "
                            "size that computes the fewest pixels on its tissue, whose map equals one pass over the "

@@ -70,6 +70,7 @@ from ikdmil.io import chmod_default, make_temp_dir, one_line, replace_folder, wr
 from ikdmil.slide.reader import Slide, open_slide
 from ikdmil.slide.tiff import write_pyramid_tiff
 from ikdmil.slide.tissue import TissueMap, slide_tissue
+from ikdmil.stain import ReinhardReference, overview_reference, reinhard
 from ikdmil.visualize import SLIDE_OVERLAY_LEGEND
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class SlideJob:
     boxes: list[Box]  # level-0 boxes of the tiles to run, in row order
     cells: list[tuple[int, int]]  # their (row, col) in the tile grid
     batch_size: int  # tiles per forward pass
+    stain_source: ReinhardReference | None = None  # --stain-normalise reinhard: this slide's statistics
 
 
 def predict_slide(lm: LoadedModel, slide_path: Path, out_dir: Path, settings: PredictSettings,
@@ -167,7 +169,21 @@ def plan_slide(lm: LoadedModel, slide: Slide, slide_path: Path, settings: Predic
         batch = max(1, lm.batch_size * lm.input_size ** 2 // tile ** 2)
     logger.debug("%s: %d of %d tiles of %d px (overlap %d, margin %d), batch %d", slide_path.name, len(boxes),
                  geom.grid[0] * geom.grid[1], tile, overlap, margin, batch)
-    return SlideJob(lm, slide, slide_path, settings, geom, tissue, overview, boxes, cells, batch)
+    return SlideJob(lm, slide, slide_path, settings, geom, tissue, overview, boxes, cells, batch,
+                    _stain_source(lm, slide, slide_path, tissue, overview))
+
+
+def _stain_source(lm: LoadedModel, slide: Slide, slide_path: Path, tissue: TissueMap,
+                  overview: np.ndarray) -> ReinhardReference | None:
+    """The slide's Reinhard statistics, once per slide from its tissue overview (so every tile, whatever
+    its size, is mapped alike); None without --stain-normalise reinhard or without stained tissue."""
+    if lm.reinhard is None:
+        return None
+    overview_mpp = tissue.downsample[0] * min(slide.require_mpp())
+    source = overview_reference(overview, tissue.mask, overview_mpp, lm.mpp * lm.reinhard.downsample)
+    if source is None:
+        logger.warning("%s: no stained tissue on the overview; its tiles are not stain-normalised", slide_path.name)
+    return source
 
 
 def choose_tiling(lm: LoadedModel, settings: PredictSettings, model_size: tuple[float, float]) -> tuple[int, int, int]:
@@ -203,6 +219,9 @@ def run_slide(job: SlideJob, tmp: Path, progress: bool, t_start: float) -> dict:
         (tmp / f).unlink()
     summary = slide_summary(job, stitcher, polys, out_mpp, workers, infer_s, total_s)
     slide_warnings(summary, thumb, thumb_tissue, job.lm.stain)
+    if job.lm.reinhard is not None:
+        summary["stain_normalise"] = ({"method": "reinhard", "slide": job.stain_source.to_meta()}
+                                      if job.stain_source is not None else {"method": "none", "reason": "no tissue"})
     return summary
 
 
@@ -225,6 +244,8 @@ def stitch_tiles(job: SlideJob, prob: np.ndarray, mask: np.ndarray, progress: bo
             bad = [e for e in errors if e]
             if bad:
                 raise IkdmilError(bad[0])
+            if job.stain_source is not None:
+                batch = reinhard(batch.to(lm.device, non_blocking=True), job.stain_source, lm.reinhard)
             maps = tile_maps(lm, batch, settings.sigma, s)
             for k, i in enumerate(idx.tolist()):
                 row, col = job.cells[i]

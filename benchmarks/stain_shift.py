@@ -1,0 +1,96 @@
+"""Test scores of a trained model on stain-shifted images, with and without predict's stain normalisation.
+
+Each test image (at the model's scale, as `ikdmil evaluate` reads it) gets its haematoxylin / eosin
+scaled by each pair of --shifts (`ikdmil.stain.scale_stains`; the defaults lie outside the range
+--stain-augment 0.05 draws: x0.6 and x1.6 are 8 of its standard deviations away), then is scored as
+it is (`none`) and after Reinhard normalisation onto the model file's reference (`reinhard`, each image
+by its own statistics, as `predict` treats a patch). Prints one JSON line per shift and method: F1 and
+IoU over the split, as `ikdmil evaluate` computes them.
+
+    ikdmil prepare glas ../shared/data/glas data/glas
+    python benchmarks/stain_shift.py runs/stain-aug/model.safetensors data/glas --split test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import numpy as np
+import torch
+
+from ikdmil.errors import IkdmilError
+
+DEFAULT_SHIFTS = "1,1;0.6,1;1.6,1;1,0.6;1,1.6;1.6,0.6;0.6,1.6"
+
+
+def shifted_arrays(arrays, h: float, e: float, reference=None):
+    """A copy of the split's arrays with every image's stains scaled (then normalised onto `reference`)."""
+    from ikdmil.inference.predict import normalise_patches
+    from ikdmil.stain import scale_stains
+
+    images = np.array(arrays.images)
+    for i in range(len(images)):
+        valid = arrays.valid(i, images[i])
+        if (h, e) != (1.0, 1.0):
+            valid[...] = scale_stains(valid, h, e)
+        if reference is not None:
+            x = torch.from_numpy(np.ascontiguousarray(valid)).permute(2, 0, 1)[None]
+            valid[...] = normalise_patches(x, reference)[0].permute(1, 2, 0).numpy()
+    return dataclasses.replace(arrays, images=images)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="model file (.safetensors) written by ikdmil train / run")
+    p.add_argument("data", help="prepared dataset folder or manifest (ikdmil prepare glas SRC OUT)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--shifts", default=DEFAULT_SHIFTS, help="haematoxylin,eosin scale pairs separated by ';'")
+    p.add_argument("--normalise", default="none,reinhard", help="comma-separated: none, reinhard")
+    p.add_argument("--eval-sigma", type=float, default=3.0)
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", default="")
+    args = p.parse_args(argv)
+    try:
+        for line in run(args):
+            print(json.dumps(line), flush=True)
+    except IkdmilError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args):
+    from ikdmil.data.dataset import build_cache
+    from ikdmil.data.manifest import load_samples, select_split
+    from ikdmil.data.scale import scale_for_model
+    from ikdmil.device import resolve_device
+    from ikdmil.engine.evaluate import predict_fused, score_predictions
+    from ikdmil.models.checkpoint import load_model
+    from ikdmil.stain import reinhard_from_meta
+
+    methods = [m.strip() for m in args.normalise.split(",") if m.strip()]
+    if not set(methods) <= {"none", "reinhard"}:
+        raise IkdmilError(f"--normalise {args.normalise!r}: give none and/or reinhard, separated by commas")
+    pairs = [tuple(float(v) for v in pair.split(",")) for pair in args.shifts.split(";")]
+    device = resolve_device(args.device)
+    model, meta = load_model(args.model, device)
+    reference = reinhard_from_meta(meta, args.model) if "reinhard" in methods else None
+    size = int(meta.get("input_size", 256))
+    samples = select_split(load_samples(args.data), args.split, args.data, need_both=False)
+    arrays = build_cache(samples, size, args.cache_dir or None, False, scale=scale_for_model(meta, samples, size))
+    for h, e in pairs:
+        for method in methods:
+            shifted = shifted_arrays(arrays, h, e, reference if method == "reinhard" else None)
+            probs = predict_fused(model, shifted, device, amp=True)
+            summary, _ = score_predictions(probs, shifted, args.eval_sigma, args.threshold, distances=False)
+            yield {"model": str(args.model), "split": args.split, "haematoxylin": h, "eosin": e,
+                   "normalise": method, "images": summary.get("n"), "f1": summary.get("f1"),
+                   "iou": summary.get("iou")}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
