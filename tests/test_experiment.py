@@ -310,6 +310,10 @@ def test_select_auc_differs_from_ikd_only_in_selection_and_has_its_own_auc_teach
     # a default selection stays out of the keys, so runs finished before the option existed are reused
     assert "selection" not in comparable(RunConfig()) and "selection_top_percent" not in comparable(RunConfig())
     assert comparable(RunConfig(selection="auc"))["selection"] == "auc"
+    # ...but every key names the pipeline: runs of the squeezed pipeline (1) are never reused as this one's
+    from ikdmil.experiment.variants import PIPELINE
+
+    assert PIPELINE == 2 and comparable(RunConfig())["pipeline"] == PIPELINE
 
 
 @pytest.mark.parametrize("variant, field, value", [

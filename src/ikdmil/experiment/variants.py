@@ -142,6 +142,10 @@ MACHINE_FIELDS = ("out", "device", "workers", "loader", "cache_dir", "compile", 
 # Fields added after runs were keyed: left out of a key while at their default, so that finished runs of
 # before keep their keys (and are reused) whenever they computed the same thing.
 KEYED_FROM_DEFAULT = {"selection": "auto", "selection_top_percent": 10.0}
+# What the code computes for a config beyond its fields, part of every key: runs of an earlier pipeline are
+# never reused as this one's (2: images rescaled isotropically, random crops, whole-image scoring; 1 squeezed
+# every image to a square).
+PIPELINE = 2
 # Fields only the comparison methods (ikdmil.methods other than ikd) read.
 METHOD_FIELDS = ("cam_epochs", "seg_epochs", "cam_threshold", "head_lr_scale", "decoder_width", "mosaic_grid",
                  "consistency_scale")
@@ -184,7 +188,7 @@ def comparable(cfg: RunConfig) -> dict:
          if k not in MACHINE_FIELDS and not (k in KEYED_FROM_DEFAULT and v == KEYED_FROM_DEFAULT[k])}
     if d.get("method", "ikd") == "ikd":
         d = {k: v for k, v in d.items() if k not in ("method", *METHOD_FIELDS)}
-    return d
+    return {**d, "pipeline": PIPELINE}
 
 
 def is_method_run(cfg: RunConfig) -> bool:
