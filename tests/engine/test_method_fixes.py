@@ -28,9 +28,15 @@ def _rows(run):
         return list(csv.DictReader(fh))
 
 
+def _validation_is(monkeypatch, score) -> None:
+    """Replace the one validation pass (`TrainingRun.val_metrics`, behind every selection) by `score(run, model)`."""
+    monkeypatch.setattr(TrainingRun, "val_metrics",
+                        lambda self, model: {"val_f1": score(self, model), "val_auc": score(self, model)})
+
+
 def _scripted(monkeypatch, scores, default=0.0):
     """Replace validation by scores looked up by (phase, epoch) at the time of the call."""
-    monkeypatch.setattr(TrainingRun, "val_score", lambda self, model: scores.get((self.phase, self.epoch), default))
+    _validation_is(monkeypatch, lambda run, model: scores.get((run.phase, run.epoch), default))
 
 
 # ---------------------------------------------------------------- 1. fusion fit
@@ -83,8 +89,7 @@ def _judge_run(monkeypatch, tiny_synth, tmp_path, tiny_config, better: bool, cap
 
     monkeypatch.setattr(pipeline_module, "make_fusion_step", collapsing_step)
     sign = 1.0 if better else -1.0
-    monkeypatch.setattr(TrainingRun, "val_score",
-                        lambda self, model: 0.5 + sign * float(model.fusion_logits.detach().abs().max()) / 10)
+    _validation_is(monkeypatch, lambda run, model: 0.5 + sign * float(model.fusion_logits.detach().abs().max()) / 10)
     cfg = tiny_config(tiny_synth, tmp_path / "run", teacher_epochs=1, fusion_epochs=2, distill_epochs=0)
     with caplog.at_level(logging.WARNING, logger="ikdmil"):
         Pipeline(cfg, progress=False, last_phase="fusion").run()
@@ -215,7 +220,7 @@ def test_track_test_records_test_f1_and_changes_no_decision(tiny_synth, tmp_path
         assert all(torch.equal(a[k], b[k]) for k in a), name
     plain, tracked = _rows(tmp_path / "False"), _rows(tmp_path / "True")
     assert "test_f1" not in plain[0] and all(r["test_f1"] for r in tracked if r["val_score"])
-    assert list(tracked[0])[:7] == ["phase", "epoch", "loss", "val_f1", "val_score", "test_f1", "swap"]
+    assert list(tracked[0])[:8] == ["phase", "epoch", "loss", "val_f1", "val_auc", "val_score", "test_f1", "swap"]
 
 
 # ---------------------------------------------------------------- 4. teacher targets under augmentation
