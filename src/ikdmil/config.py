@@ -296,7 +296,7 @@ class DemoSettings:
     OPTIONS: ClassVar[dict[str, Opt]] = {"overlays": Opt("overlay PNGs per model", min=0)}
 
 
-# the demo's training settings: 140 s alone on a 2-core CPU, two swaps (README: `ikdmil demo`); lr above the
+# the demo's training settings: 140-149 s alone on a 2-core CPU, two swaps (README: `ikdmil demo`); lr above the
 # paper's, for few epochs
 DEMO_RUN_DEFAULTS = {"input_size": 96, "batch_size": 16, "teacher_epochs": 4, "fusion_epochs": 1,
                      "distill_epochs": 8, "swap_every": 2, "lr": 2e-4, "eval_sigma": 1.5}
