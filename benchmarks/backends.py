@@ -61,10 +61,10 @@ def runner(name: str, net: torch.nn.Module, x: torch.Tensor, folder: Path):
         return lambda: net(x).numpy()
     xc = x.contiguous(memory_format=torch.channels_last)
     if name == "channels_last":
-        cl = net.to(memory_format=torch.channels_last)
+        cl = copy.deepcopy(net).to(memory_format=torch.channels_last)  # `net` itself stays NCHW for eager
         return lambda: cl(xc).numpy()
     if name == "compile":
-        compiled = torch.compile(net.to(memory_format=torch.channels_last))
+        compiled = torch.compile(copy.deepcopy(net).to(memory_format=torch.channels_last))
         return lambda: compiled(xc).numpy()
     path, feed = onnx_file(net, x, folder), x.numpy()
     if name == "onnxruntime":
@@ -85,9 +85,9 @@ def runner(name: str, net: torch.nn.Module, x: torch.Tensor, folder: Path):
 def measure(args: argparse.Namespace, net: torch.nn.Module, size: int, batch: int, folder: Path) -> list[dict]:
     x = tiles(batch, size, args.seed)
     with FlopCounterMode(display=False) as counter:
-        reference = net(x[:1])
+        net(x[:1])
     gflop_per_image = counter.get_total_flops() / 1e9
-    reference = net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last)).numpy()
+    reference = runner("channels_last", net, x, folder)()
     rows, base_ips = [], None
     for name in args.backends.split(","):
         row = {"benchmark": "cpu-backends", "backend": name, "backbone": args.backbone, "size": size, "batch": batch,

@@ -58,7 +58,6 @@ from ikdmil.inference.tiling import (
     Box,
     Geometry,
     cheapest_tiling,
-    large_tiling,
     large_tilings,
     resolve_tiling,
     slide_geometry,
@@ -155,13 +154,12 @@ def plan_slide(lm: LoadedModel, slide: Slide, slide_path: Path, settings: Predic
     model_size = (slide.dimensions[0] * mpp[0] / lm.mpp, slide.dimensions[1] * mpp[1] / lm.mpp)
     user_mask = _user_mask_for(settings, slide_path)
     tissue, overview = slide_tissue(slide, settings.tissue, user_mask, settings.all_tissue)
-    options = [choose_tiling(lm, settings, model_size)]
-    if options[0][2]:  # large tiles: the size that computes the fewest pixels on this slide's tissue
-        options = large_tilings(lm.reach, lm.net_stride, gaussian_radius(settings.sigma), settings.out_stride,
-                                model_size) or options
-    (tile, overlap, margin), geom, boxes, cells = cheapest_tiling(
-        options, lambda t, o, m: slide_geometry(slide.dimensions, mpp, lm.mpp, t, o, settings.out_stride, m),
-        None if settings.all_tissue else tissue, settings.min_tissue)
+    def geometry(t: int, o: int, m: int) -> Geometry:
+        return slide_geometry(slide.dimensions, mpp, lm.mpp, t, o, settings.out_stride, m)
+
+    (tile, overlap, margin), geom, boxes, cells = cheapest_tiling(  # the size with the fewest model px on tissue
+        tiling_options(lm, settings, model_size), geometry, None if settings.all_tissue else tissue,
+        settings.min_tissue)
     if not boxes:
         raise IkdmilError(_no_tiles(slide_path, slide, settings, tissue, user_mask))
     batch = lm.batch_size
@@ -186,16 +184,18 @@ def _stain_source(lm: LoadedModel, slide: Slide, slide_path: Path, tissue: Tissu
     return source
 
 
-def choose_tiling(lm: LoadedModel, settings: PredictSettings, model_size: tuple[float, float]) -> tuple[int, int, int]:
-    """(tile, overlap, margin) model px: with --large-tiles, large tiles for a tile-invariant model when neither
-    --tile-size nor --overlap is given (`LoadedModel.reach` is then known), else the model's input size."""
+def tiling_options(lm: LoadedModel, settings: PredictSettings,
+                   model_size: tuple[float, float]) -> list[tuple[int, int, int]]:
+    """(tile, overlap, margin) model px to choose from (`cheapest_tiling` picks by this slide's tissue): with
+    --large-tiles, every large size for a tile-invariant model when neither --tile-size nor --overlap is given
+    (`LoadedModel.reach` is then known), else the one small tiling at the model's input size."""
     if settings.large_tiles and lm.reach is not None and settings.tile_size is None and settings.overlap is None:
-        large = large_tiling(lm.reach, lm.net_stride, gaussian_radius(settings.sigma), settings.out_stride,
-                             model_size)
-        if large is not None:
+        large = large_tilings(lm.reach, lm.net_stride, gaussian_radius(settings.sigma), settings.out_stride,
+                              model_size)
+        if large:
             return large
     tile, overlap = resolve_tiling(settings.tile_size or lm.input_size, settings.overlap, settings.out_stride)
-    return tile, overlap, 0
+    return [(tile, overlap, 0)]
 
 
 def run_slide(job: SlideJob, tmp: Path, progress: bool, t_start: float) -> dict:
