@@ -69,7 +69,7 @@ def _reference(model_file, img: np.ndarray) -> np.ndarray:
 def test_large_tiles_equal_a_whole_slide_pass_and_small_tiles_within_tolerance(name, tmp_path, monkeypatch):
     reach, stride = receptive_reach(create_model(name, pretrained="none")[0].backbone)
     align = math.lcm(stride, OUT_STRIDE)
-    _, overlap, margin = tiling.large_tiling(reach, stride, gaussian_radius(SIGMA), OUT_STRIDE, (1e9, 1e9))
+    _, overlap, margin = tiling.large_tilings(reach, stride, gaussian_radius(SIGMA), OUT_STRIDE, (1e9, 1e9))[0]
     step = -(-64 // align) * align  # large tiles just above the overlap: fast
     tile = overlap + step
     monkeypatch.setattr(tiling, "LARGE_TILES", (tile,))

@@ -84,3 +84,18 @@ def test_patches_are_normalised_each_by_its_own_statistics(setup, tmp_path):
     # normalisation buys is that the call no longer depends on the stain
     change = {how: abs(f["shifted.png"] - f["same.png"]) for how, f in frac.items()}
     assert change["none"] > 0.1 and change["reinhard"] < 0.3 * change["none"], frac
+
+
+def test_the_stain_warning_measures_what_the_model_saw(setup, tmp_path):
+    """A shifted slide warns without normalisation; normalised, its distance is the normalised stain's,
+    and the raw distance is kept beside it."""
+    summary = {}
+    for how in ("none", "reinhard"):
+        predict(setup["model"], [setup["shifted"]], tmp_path / how, PredictSettings(workers=0, stain_normalise=how),
+                **QUIET)
+        summary[how] = json.loads((tmp_path / how / "shifted" / "summary.json").read_text())
+    raw, normalised = summary["none"]["stain"], summary["reinhard"]["stain"]
+    assert any("stain far from" in w for w in summary["none"]["warnings"])
+    assert normalised["z_before_normalisation"] == raw["z"] and "z_before_normalisation" not in raw
+    assert max(normalised["z"]) < 0.5 * max(raw["z"]), (normalised["z"], raw["z"])
+    assert not any("stain far from" in w for w in summary["reinhard"]["warnings"])

@@ -33,16 +33,17 @@ def test_margin_windows_sum_to_one_across_an_overlap_and_ignore_tile_edges():
     assert np.array_equal(blend_window(n, ramp), np.outer(blend_profile(n, ramp), blend_profile(n, ramp)))
 
 
-def test_large_tiling_covers_the_receptive_field_and_the_gaussian():
-    from ikdmil.inference.tiling import LARGE_OVERHEAD, large_tiling
+def test_large_tilings_cover_the_receptive_field_and_the_gaussian():
+    from ikdmil.inference.tiling import large_tilings
 
-    tile, overlap, margin = large_tiling(23, 4, 12, 4, (20000, 15000))  # VGG16 reach, sigma 3, out-stride 4
-    assert margin >= 23 + 12 and overlap >= 2 * margin and overlap % 4 == 0
-    assert tile == 1024 and (tile / (tile - overlap)) ** 2 <= LARGE_OVERHEAD
-    tile, overlap, _ = large_tiling(120, 16, 12, 4, (20000, 15000))  # ResNet-18: the largest tile, stride-aligned
-    assert tile == 2048 and overlap % 16 == 0 and (tile - overlap) % 16 == 0
-    assert large_tiling(23, 4, 12, 4, (300.5, 200))[0] == 304  # a small slide: one tile just covering it
-    assert large_tiling(5000, 16, 12, 4, (20000, 15000)) is None  # wider than any large tile: small tiles
+    options = large_tilings(23, 4, 12, 4, (20000, 15000))  # VGG16 reach, sigma 3, out-stride 4
+    for tile, overlap, margin in options:
+        assert margin >= 23 + 12 and overlap >= 2 * margin and overlap % 4 == 0 and tile > overlap
+    assert [o[0] for o in options] == [384, 512, 768, 1024, 1536, 2048]
+    for tile, overlap, _ in large_tilings(120, 16, 12, 4, (20000, 15000)):  # ResNet-18: stride-aligned
+        assert overlap % 16 == 0 and (tile - overlap) % 16 == 0
+    assert [o[0] for o in large_tilings(23, 4, 12, 4, (300.5, 200))] == [304]  # a small slide: one tile covering it
+    assert large_tilings(5000, 16, 12, 4, (20000, 15000)) == []  # wider than any large tile: small tiles
 
 
 class _Blobs:

@@ -6,9 +6,11 @@ and plain images larger than `PredictSettings.patch_max`) or a *patch* (smaller 
 - slides are segmented one by one into OUT/NAME/ by `ikdmil.inference.slide.predict_slide` (tiled
   in model space; see that module for the outputs); a slide that fails is recorded and the batch
   goes on, and one already done with the same settings is skipped;
-- patch images are treated like training images: resized to the model's input size, predicted,
-  the map resized back, thresholded; OUT/masks/NAME.png and OUT/overlays/NAME.png are written, and
-  OUT/patches.json lists each image's tumour fraction.
+- patch images are treated like training images: rescaled *isotropically* to the model's scale
+  (`patch_scale`: never squeezed to a square), tiled by square tiles of the model's input size as in
+  evaluation, the stitched map rescaled back and thresholded; OUT/masks/NAME.png and
+  OUT/overlays/NAME.png are written, and OUT/patches.json lists each image's tumour fraction and the
+  scale it was read at.
 
 OUT/predict_config.yaml records the model, inputs and settings; OUT/predict_summary.json lists
 every slide (with its warnings), the number of patches and every failure; OUT/report.html shows them on
@@ -56,7 +58,7 @@ from ikdmil.inference.settings import PredictSettings
 from ikdmil.inference.slide import is_done, predict_slide
 from ikdmil.inference.tiling import resolve_tiling
 from ikdmil.io import one_line, read_rgb, remove_stale_temps, write_png
-from ikdmil.slide.reader import PLAIN_SUFFIXES, expand_inputs, is_plain_image, level0_area
+from ikdmil.slide.reader import PLAIN_SUFFIXES, expand_inputs, image_mpp, is_plain_image, level0_area
 from ikdmil.stain import ReinhardReference, measure_reinhard, reduce_rgb, reinhard
 
 logger = logging.getLogger(__name__)
@@ -267,48 +269,74 @@ def _naming(path: Path, message: str) -> str:
     return message if str(path) in message else f"{path}: {message}"
 
 
+def patch_scale(lm: LoadedModel, settings: PredictSettings, path: Path, shape: tuple[int, int]
+                ) -> tuple[float, str]:
+    """(model px per patch px, where it comes from) for the patch at `path` of (h, w) `shape`, one
+    factor for x and y, the first of:
+
+    - `--mpp` (the patches' µm/px) over the model's µm/px, as for slides;
+    - the image's own resolution (TIFF tags, PNG/JPEG dpi; screen-dpi defaults are ignored) over the
+      model's µm/px, when the model file states its µm/px;
+    - a model trained on data without mpp: the pixel factor its training images were rescaled by;
+    - otherwise the patch is taken to be like a training image, whose median short side the model's
+      scale maps to its input size (`ikdmil.data.scale.choose_scale`): short side -> input size.
+    """
+    if settings.mpp is not None:
+        return settings.mpp / lm.mpp, "--mpp"
+    own = image_mpp(path)
+    if own is not None and not lm.mpp_source.startswith("default"):
+        return (own[0] + own[1]) / 2 / lm.mpp, "the image's resolution metadata"
+    factor = lm.meta.get("scale")
+    if isinstance(factor, int | float) and factor > 0:
+        return float(factor), "the model file's scale"
+    return lm.input_size / min(shape), "short side = the model's input size (give --mpp for the patches' µm/px)"
+
+
 def predict_patches(lm: LoadedModel, paths: list[Path], out: Path, settings: PredictSettings,
                     progress: bool = True, results: list[dict] | None = None) -> list[tuple[Path, str]]:
-    """Masks and overlays for patch images, in batches, appended to `results`; returns the failures.
+    """Masks and overlays for patch images, appended to `results`; returns the failures.
 
+    Each patch is rescaled by `patch_scale` (normalised by its own stain statistics with
+    --stain-normalise), padded white to at least one tile and tiled like an evaluation image
+    (`ikdmil.engine.evaluate.tiled_maps`, tiles smoothed as a slide's); the map is rescaled back.
     OUT/masks and OUT/overlays must be predict's (`ikdmil.inference.outputs.take_patch_folders`).
     """
     from ikdmil.data.dataset import resize_rgb
+    from ikdmil.data.scale import scaled_shape
+    from ikdmil.engine.evaluate import tiled_maps
     from ikdmil.visualize import heatmap, overlay, side_by_side
 
-    size = settings.tile_size or lm.input_size
+    tile = settings.tile_size or lm.input_size
     results = [] if results is None else results
     failures = []
-    bar = tqdm(total=len(paths), desc="patches", unit="img", disable=not progress, leave=False)
-    for start in range(0, len(paths), lm.batch_size):
-        chunk = paths[start:start + lm.batch_size]
-        images, ok = [], []
-        for p in chunk:
-            try:
-                images.append(read_rgb(p))
-                ok.append(p)
-            except IkdmilError as exc:
-                failures.append((p, str(exc)))
-        if ok:
-            batch = torch.from_numpy(np.stack([resize_rgb(im, size) for im in images])).permute(0, 3, 1, 2)
+
+    def smoothed(x: torch.Tensor) -> torch.Tensor:
+        return gaussian_smooth(lm.fused(x), settings.sigma)
+
+    for p in tqdm(paths, desc="patches", unit="img", disable=not progress, leave=False):
+        try:
+            img = read_rgb(p)
+            h, w = img.shape[:2]
+            factor, source = patch_scale(lm, settings, p, (h, w))
+            sh, sw = scaled_shape((h, w), factor)
+            scaled = resize_rgb(img, (sh, sw))
             if lm.reinhard is not None:
-                batch = normalise_patches(batch, lm.reinhard)
-            try:
-                probs = gaussian_smooth(lm.fused(batch), settings.sigma).cpu().numpy()
-            except IkdmilError as exc:  # non-finite model output
-                failures.extend((p, str(exc)) for p in ok)
-                ok = []
-            for p, img, pr in zip(ok, images, probs if ok else []):
-                h, w = img.shape[:2]
-                full = np.asarray(Image.fromarray(pr.astype(np.float32)).resize((w, h), Image.Resampling.BILINEAR))
-                pred = full >= settings.threshold
-                write_png(out / "masks" / f"{p.stem}.png", pred)
-                write_png(out / "overlays" / f"{p.stem}.png", side_by_side(overlay(img, pred), heatmap(full)))
-                results.append({"image": str(p), "width": w, "height": h, "threshold": settings.threshold,
-                                "tumour_fraction": round(float(pred.mean()), 6),
-                                "max_probability": round(float(full.max()), 6)})
-        bar.update(len(chunk))
-    bar.close()
+                x = normalise_patches(torch.tensor(scaled).permute(2, 0, 1)[None], lm.reinhard)
+                scaled = x[0].permute(1, 2, 0).numpy()
+            canvas = np.full((1, max(sh, tile), max(sw, tile), 3), 255, np.uint8)
+            canvas[0, :sh, :sw] = scaled
+            prob = tiled_maps(smoothed, canvas, np.array([[sh, sw]]), tile, lm.batch_size)[0, :sh, :sw]
+        except IkdmilError as exc:  # unreadable image, or non-finite model output
+            failures.append((p, str(exc)))
+            continue
+        full = np.asarray(Image.fromarray(prob).resize((w, h), Image.Resampling.BILINEAR))
+        pred = full >= settings.threshold
+        write_png(out / "masks" / f"{p.stem}.png", pred)
+        write_png(out / "overlays" / f"{p.stem}.png", side_by_side(overlay(img, pred), heatmap(full)))
+        results.append({"image": str(p), "width": w, "height": h, "threshold": settings.threshold,
+                        "model_px_per_image_px": round(factor, 6), "scale_source": source,
+                        "tumour_fraction": round(float(pred.mean()), 6),
+                        "max_probability": round(float(full.max()), 6)})
     return failures
 
 

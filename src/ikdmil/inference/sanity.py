@@ -5,7 +5,8 @@ Each warning is one line (it names the slide and what to check), goes into the s
 
 - **tumour everywhere**: more than `TUMOUR_FRACTION_WARN` (90 %) of the tissue is called tumour. A
   model fed the wrong resolution, a stain it never saw, or a threshold that is too low does this;
-- **stain far from training**: the slide's mean stain on its thumbnail's tissue is more than
+- **stain far from training**: the slide's mean stain on its thumbnail's tissue (stain-normalised
+  first with --stain-normalise: the stain the model sees) is more than
   `ikdmil.stain.STAIN_Z_WARN` training spreads from the training images' (see `ikdmil.stain` for the
   space, the distance and the threshold). Model files written before the statistics existed have
   none: the check is skipped (debug log) and ``"stain"`` in the summary says so.
@@ -57,8 +58,13 @@ def stain_check(name: str, thumb: np.ndarray, tissue: np.ndarray,
                    "a model trained on slides stained like it")
 
 
-def slide_warnings(summary: dict, thumb: np.ndarray, tissue: np.ndarray, reference: StainStats | None) -> None:
-    """Add "warnings" (and "stain") to a slide's summary and log each warning once."""
+def slide_warnings(summary: dict, thumb: np.ndarray, tissue: np.ndarray, reference: StainStats | None,
+                   raw: np.ndarray | None = None) -> None:
+    """Add "warnings" (and "stain") to a slide's summary and log each warning once.
+
+    `thumb` is what the model saw (the stain-normalised thumbnail with --stain-normalise); `raw`, the
+    thumbnail before normalisation, adds its distance as "z_before_normalisation" and warns nothing.
+    """
     name = summary["slide"]
     warnings = []
     tumour = tumour_fraction_warning(name, summary["tumour_fraction_of_tissue"], summary["model_mpp"],
@@ -66,6 +72,11 @@ def slide_warnings(summary: dict, thumb: np.ndarray, tissue: np.ndarray, referen
     if tumour:
         warnings.append(tumour)
     summary["stain"], stain = stain_check(name, thumb, tissue, reference)
+    if raw is not None and summary["stain"]["checked"]:
+        before, _ = stain_check(name, raw, tissue, reference)
+        summary["stain"]["measured_on"] = "the stain-normalised thumbnail"
+        if before["checked"]:
+            summary["stain"]["z_before_normalisation"] = before["z"]
     if stain:
         warnings.append(stain)
     for w in warnings:

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -218,7 +219,11 @@ def run_slide(job: SlideJob, tmp: Path, progress: bool, t_start: float) -> dict:
     for f in (".probability.u8", ".mask.u8"):
         (tmp / f).unlink()
     summary = slide_summary(job, stitcher, polys, out_mpp, workers, infer_s, total_s)
-    slide_warnings(summary, thumb, thumb_tissue, job.lm.stain)
+    seen = thumb  # the stain check measures what the model saw: the normalised slide with --stain-normalise
+    if job.stain_source is not None:
+        x = torch.from_numpy(np.ascontiguousarray(thumb)).permute(2, 0, 1)[None]
+        seen = reinhard(x, job.stain_source, job.lm.reinhard)[0].permute(1, 2, 0).numpy()
+    slide_warnings(summary, seen, thumb_tissue, job.lm.stain, raw=thumb if seen is not thumb else None)
     if job.lm.reinhard is not None:
         summary["stain_normalise"] = ({"method": "reinhard", "slide": job.stain_source.to_meta()}
                                       if job.stain_source is not None else {"method": "none", "reason": "no tissue"})

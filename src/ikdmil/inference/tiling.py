@@ -9,7 +9,7 @@ Conventions
   normalised by the weight sum, so a constant map stays exactly constant and tiles leave no seams.
 - `BandStitcher` holds only a band of output rows in memory: tiles arrive in row order and finished
   rows go straight to the (memory-mapped) uint8 probability and mask maps.
-- Large tiles (`large_tiling`, for backbones registered as tile-invariant): tiles of one of the
+- Large tiles (`large_tilings`, for backbones registered as tile-invariant): tiles of one of the
   `LARGE_TILES` sizes (model px) whose overlap holds twice a `margin` = the model's reach (receptive
   field half-width) + the Gaussian's radius, plus a ramp. Which size: `cheapest_tiling`, the one
   that computes the fewest model pixels on this slide's tissue (large tiles waste little on overlap
@@ -99,29 +99,19 @@ def slide_geometry(dimensions: tuple[int, int], mpp: tuple[float, float], model_
     return Geometry(tile, overlap, stride, out_stride, d, (wm, hm), out_size, (count(wm), count(hm)), margin)
 
 
-#: tile sizes (model px) tried for tile-invariant backbones (`cheapest_tiling` picks one per slide);
-#: without tissue to go by, the smallest whose overlap costs at most LARGE_OVERHEAD (computed px per
-#: output px) is used, else the largest
+#: tile sizes (model px) tried for tile-invariant backbones (`cheapest_tiling` picks one per slide; with
+#: every tile processed, e.g. --all-tissue, that is the one whose overlap costs least)
 LARGE_TILES = (384, 512, 768, 1024, 1536, 2048)
-LARGE_OVERHEAD = 1.25
-
-
-def large_tiling(reach: int, net_stride: int, smooth_radius: int, out_stride: int,
-                 model_size: tuple[float, float]) -> tuple[int, int, int] | None:
-    """(tile, overlap, margin) in model px for a tile-invariant backbone, or None (use small tiles).
-
-    `reach`: how far the model's output depends on its input (`receptive_reach`); `smooth_radius`:
-    the Gaussian's half-width; the tile shrinks to the slide when the slide is smaller.
-    """
-    options = large_tilings(reach, net_stride, smooth_radius, out_stride, model_size)
-    if not options:
-        return None
-    return next((o for o in options if (o[0] / (o[0] - o[1])) ** 2 <= LARGE_OVERHEAD), options[-1])
 
 
 def large_tilings(reach: int, net_stride: int, smooth_radius: int, out_stride: int,
                   model_size: tuple[float, float]) -> list[tuple[int, int, int]]:
-    """Every usable (tile, overlap, margin) of `LARGE_TILES` for this model and slide, smallest first."""
+    """Every usable (tile, overlap, margin) in model px of `LARGE_TILES` for this model and slide, smallest
+    first; empty when the overlap is wider than every large tile (use small tiles).
+
+    `reach`: how far the model's output depends on its input (`receptive_reach`); `smooth_radius`:
+    the Gaussian's half-width; a tile shrinks to the slide when the slide is smaller.
+    """
     align = math.lcm(net_stride, out_stride)
     margin = _round_up(reach + smooth_radius, out_stride)
     overlap = _round_up(2 * margin + 4 * out_stride, align)  # a ramp of >= 4 output px between the margins

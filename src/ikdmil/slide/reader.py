@@ -138,7 +138,7 @@ class ImageSlide(Slide):
         self.kind = "image"
         if array is None:
             array = _decode_plain(path)
-            mpp = _image_mpp(path)
+            mpp = image_mpp(path)
         self.array = array
         h, w = array.shape[:2]
         self.level_dimensions = ((w, h),)
@@ -191,7 +191,7 @@ class TiffStripSlide(Slide):
             self._check_layout(page, shape, dtype)
             self.level_dimensions = ((int(page.imagewidth), int(page.imagelength)),)
             self.level_downsamples = (1.0,)
-            self.mpp, self.mpp_source = _resolve_mpp(_image_mpp(path), mpp_override)
+            self.mpp, self.mpp_source = _resolve_mpp(image_mpp(path), mpp_override)
             self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
             self._cached = 0
             self._segment(0)  # decodes one segment: an unsupported compression fails here, not mid-slide
@@ -373,7 +373,7 @@ def _openslide_mpp(props: dict) -> tuple[float, float] | None:
     return mx, my
 
 
-def _image_mpp(path: Path) -> tuple[float, float] | None:
+def image_mpp(path: Path) -> tuple[float, float] | None:
     """µm/px of a plain image from its TIFF resolution tags or PNG/JPEG dpi (None when absent/implausible)."""
     try:
         with Image.open(path) as img:
