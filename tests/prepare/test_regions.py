@@ -87,14 +87,27 @@ def test_split_by_slide_with_tumour_slides_in_every_split(prepared):
         assert {s.label for s in samples if s.split == split} == {0, 1}
 
 
-def test_a_prepared_folder_trains_and_evaluates(prepared, tmp_path, tiny_config, tiny_backbone):
+def test_boxes_to_qupath_polygons_with_no_resolution_given_by_hand(fake, prepared, tmp_path, tiny_config,
+                                                                     tiny_backbone):
+    """Issue 11's path: QuPath boxes -> prepare regions -> train -> predict a slide -> GeoJSON, and no step
+    is told a resolution except prepare's --mpp (the slides carry theirs)."""
     from ikdmil.engine.pipeline import Pipeline
+    from ikdmil.inference import PredictSettings, predict
+    from ikdmil.models.checkpoint import read_model_meta
 
     cfg = tiny_config(prepared, tmp_path / "run", teacher_epochs=1, fusion_epochs=0, distill_epochs=1,
                       backbone=tiny_backbone)
     results = Pipeline(cfg, progress=False).run()
-    assert (tmp_path / "run" / "model.safetensors").is_file()
+    model = tmp_path / "run" / "model.safetensors"
     assert "f1" in results["models"]["student"]["test"]
+    model_mpp = read_model_meta(model)["mpp"]
+    assert model_mpp >= 2.0  # the prepared images are 2 µm/px, rescaled down (never up) to the model's input
+    report = predict(model, [fake["slides"] / "t1.tif"], tmp_path / "pred", PredictSettings(workers=0),
+                     progress=False, echo=lambda *a: None)
+    summary = report.slides[0]
+    assert summary["model_mpp"] == pytest.approx(model_mpp) and summary["model_mpp_source"] == "model file"
+    geojson = json.loads((tmp_path / "pred" / "t1" / "tumour.geojson").read_text())
+    assert geojson["type"] == "FeatureCollection"
 
 
 def _csv_rows(regions: dict) -> list:
