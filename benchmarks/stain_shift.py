@@ -3,9 +3,11 @@
 Each test image (at the model's scale, as `ikdmil evaluate` reads it) gets its haematoxylin / eosin
 scaled by each pair of --shifts (`ikdmil.stain.scale_stains`; the defaults lie outside the range
 --stain-augment 0.05 draws: x0.6 and x1.6 are 8 of its standard deviations away), then is scored as
-it is (`none`) and after Reinhard normalisation onto the model file's reference (`reinhard`, each image
-by its own statistics, as `predict` treats a patch). Prints one JSON line per shift and method: F1 and
-IoU over the split, as `ikdmil evaluate` computes them.
+it is (`none`) and after normalisation onto the model file's reference (`reinhard`, `macenko`: each
+image by its own statistics, as `predict` treats a patch). `--reference train` measures the references
+on the dataset's train split at the model's scale instead, as training does (for model files written
+before a method existed). Prints one JSON line per shift and method: F1 and IoU over the split, as
+`ikdmil evaluate` computes them.
 
     ikdmil prepare glas ../shared/data/glas data/glas
     python benchmarks/stain_shift.py runs/stain-aug/model.safetensors data/glas --split test
@@ -48,7 +50,9 @@ def main(argv=None) -> int:
     p.add_argument("data", help="prepared dataset folder or manifest (ikdmil prepare glas SRC OUT)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--shifts", default=DEFAULT_SHIFTS, help="haematoxylin,eosin scale pairs separated by ';'")
-    p.add_argument("--normalise", default="none,reinhard", help="comma-separated: none, reinhard")
+    p.add_argument("--normalise", default="none,reinhard,macenko", help="comma-separated: none, reinhard, macenko")
+    p.add_argument("--reference", default="model", choices=("model", "train"),
+                   help="normalisation references: the model file's, or measured on the train split")
     p.add_argument("--eval-sigma", type=float, default=3.0)
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--device", default="auto")
@@ -69,22 +73,29 @@ def run(args):
     from ikdmil.data.scale import scale_for_model
     from ikdmil.device import resolve_device
     from ikdmil.engine.evaluate import predict_fused, score_predictions
+    from ikdmil.inference.settings import DEFAULT_MODEL_MPP
     from ikdmil.models.checkpoint import load_model
-    from ikdmil.stain import reinhard_from_meta
+    from ikdmil.stain import NORMALISE, reference_from_meta, training_references
 
     methods = [m.strip() for m in args.normalise.split(",") if m.strip()]
-    if not set(methods) <= {"none", "reinhard"}:
-        raise IkdmilError(f"--normalise {args.normalise!r}: give none and/or reinhard, separated by commas")
+    if not set(methods) <= set(NORMALISE):
+        raise IkdmilError(f"--normalise {args.normalise!r}: give some of {', '.join(NORMALISE)}, separated by commas")
     pairs = [tuple(float(v) for v in pair.split(",")) for pair in args.shifts.split(";")]
     device = resolve_device(args.device)
     model, meta = load_model(args.model, device)
-    reference = reinhard_from_meta(meta, args.model) if "reinhard" in methods else None
     size = int(meta.get("input_size", 256))
-    samples = select_split(load_samples(args.data), args.split, args.data, need_both=False)
-    arrays = build_cache(samples, size, args.cache_dir or None, False, scale=scale_for_model(meta, samples, size))
+    samples = load_samples(args.data)
+    split = select_split(samples, args.split, args.data, need_both=False)
+    scale = scale_for_model(meta, split, size)
+    arrays = build_cache(split, size, args.cache_dir or None, False, scale=scale)
+    if args.reference == "train":
+        train = build_cache(select_split(samples, "train", args.data, need_both=False), size, args.cache_dir or None,
+                            False, scale=scale)
+        meta = {"stain": training_references(train.images, scale.mpp if scale.mpp > 0 else DEFAULT_MODEL_MPP)}
+    references = {m: reference_from_meta(meta, args.model, m) for m in methods if m != "none"}
     for h, e in pairs:
         for method in methods:
-            shifted = shifted_arrays(arrays, h, e, reference if method == "reinhard" else None)
+            shifted = shifted_arrays(arrays, h, e, references.get(method))
             probs = predict_fused(model, shifted, device, amp=True)
             summary, _ = score_predictions(probs, shifted, args.eval_sigma, args.threshold, distances=False)
             yield {"model": str(args.model), "split": args.split, "haematoxylin": h, "eosin": e,

@@ -53,20 +53,24 @@ def test_stain_shift_scores_a_model_with_and_without_normalisation(tiny_synth, t
 
     from ikdmil.models import create_model
     from ikdmil.models.checkpoint import save_model
-    from ikdmil.stain import reinhard_reference, training_stats
+    from ikdmil.stain import training_references, training_stats
 
     train = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((tiny_synth / "train").rglob("*.png"))
                       if "masks" not in p.parts])
     model, _ = create_model("vgg16", pretrained="none")
-    stain = dict(training_stats(train).to_meta(), reinhard=reinhard_reference(train, 0.5).to_meta())
+    stain = dict(training_stats(train).to_meta(), **training_references(train, 0.5))
     path = save_model(model, tmp_path / "m.safetensors", input_size=32, stain=stain)
     proc = _run("stain_shift.py", str(path), str(tiny_synth), "--shifts", "1,1;1.6,0.6", "--device", "cpu",
                 "--cache-dir", str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [(r["haematoxylin"], r["normalise"]) for r in lines] == [(1, "none"), (1, "reinhard"), (1.6, "none"),
-                                                                   (1.6, "reinhard")]
+    assert [(r["haematoxylin"], r["normalise"]) for r in lines] == [
+        (h, m) for h in (1, 1.6) for m in ("none", "reinhard", "macenko")]
     assert all(0 <= r["f1"] <= 1 and r["images"] > 0 for r in lines)
     old = save_model(model, tmp_path / "old.safetensors", input_size=32)
     proc = _run("stain_shift.py", str(old), str(tiny_synth), "--device", "cpu", "--cache-dir", str(tmp_path / "c"))
     assert proc.returncode == 2 and "old.safetensors: the model file has no stain reference" in proc.stderr
+    proc = _run("stain_shift.py", str(old), str(tiny_synth), "--device", "cpu", "--cache-dir", str(tmp_path / "c"),
+                "--shifts", "1,1", "--reference", "train")  # measured on the train split as training does
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["normalise"] for line in proc.stdout.splitlines()] == ["none", "reinhard", "macenko"]

@@ -14,7 +14,11 @@ from ikdmil.prepare.synth import synth_image
 from ikdmil.stain import (
     from_meta,
     hed_to_rgb,
+    macenko,
+    macenko_reference,
+    measure_macenko,
     measure_reinhard,
+    reference_from_meta,
     reinhard,
     reinhard_from_meta,
     reinhard_reference,
@@ -77,6 +81,8 @@ def test_training_stores_the_training_images_stain_in_the_model_file(tiny_synth,
     # the Reinhard reference: data without mpp is at the assumed 0.5 µm/px, reduced towards 8 (32 px: to 16 px)
     assert stain["reinhard"]["downsample"] == pytest.approx(2.0)
     assert stain["reinhard"]["mean"] == pytest.approx(reinhard_reference(train, 0.5).mean, abs=1e-5)
+    expected = np.array(macenko_reference(train, 0.5).stains)
+    assert np.allclose(stain["macenko"]["stains"], expected, atol=1e-5)
 
 
 # ----------------------------------------------------------------- torch deconvolution, jitter, Reinhard
@@ -154,3 +160,56 @@ def test_the_reference_is_measured_at_the_overview_scale_and_old_model_files_giv
             reinhard_from_meta(meta, "m.safetensors")
     with pytest.raises(IkdmilError, match="m.safetensors: damaged stain reference"):
         reinhard_from_meta({"stain": {"reinhard": dict(ref.to_meta(), std=[1, -1, 1])}}, "m.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------ Macenko
+H_OD, E_OD = np.array([0.65, 0.70, 0.29]), np.array([0.07, 0.99, 0.11])  # Ruifrok-Johnston's H and E
+
+
+def stained(stains, rng, n=96, scale=(1.0, 1.0)) -> np.ndarray:
+    """uint8 RGB tissue from two OD stain vectors: nuclei (mostly H), stroma (mostly E) and glass."""
+    stains = np.array([v / np.linalg.norm(v) for v in stains])
+    h = rng.gamma(2.0, 0.25, (n, n)) * (rng.random((n, n)) < 0.4)
+    e = rng.gamma(2.0, 0.2, (n, n)) * (rng.random((n, n)) < 0.8)
+    conc = np.stack([h * scale[0], e * scale[1]], -1)
+    conc[: n // 6] = 0  # a band of glass
+    od = conc @ stains
+    return np.clip(256 * np.exp(-od) - 1, 0, 255).round().astype(np.uint8)
+
+
+def _unit(v):
+    return np.asarray(v) / np.linalg.norm(v)
+
+
+def test_macenko_finds_the_stain_vectors_haematoxylin_first():
+    ref = measure_macenko(stained([H_OD, E_OD], np.random.default_rng(0)))
+    assert float(_unit(ref.stains[0]) @ _unit(H_OD)) > 0.99 and float(_unit(ref.stains[1]) @ _unit(E_OD)) > 0.99
+    assert measure_macenko(np.full((32, 32, 3), 250, np.uint8)) is None  # glass only: nothing to fit
+
+
+def test_macenko_maps_another_labs_stain_hue_and_strength_onto_the_reference():
+    """Another lab: a bluer haematoxylin, a more orange eosin, both 1.5x as strong, on the same tissue. Macenko
+    recovers it; Reinhard, whose H and E axes are fixed, corrects it far less."""
+    original = stained([H_OD, E_OD], np.random.default_rng(1))
+    other = stained([[0.55, 0.72, 0.42], [0.02, 0.90, 0.30]], np.random.default_rng(1), scale=(1.5, 1.5))
+    ref, source = measure_macenko(original), measure_macenko(other)
+    out = macenko(_batch(other[None]), source, ref)[0].permute(1, 2, 0).numpy()
+    before = np.abs(other.astype(int) - original).mean()
+    after = np.abs(out.astype(int) - original).mean()
+    by_reinhard = reinhard(_batch(other[None]), measure_reinhard(other), measure_reinhard(original))[0]
+    reinhard_after = np.abs(by_reinhard.permute(1, 2, 0).numpy().astype(int) - original).mean()
+    assert after < 0.3 * before and after < reinhard_after, (before, after, reinhard_after)
+    same = macenko(_batch(original[None]), ref, ref)[0].permute(1, 2, 0).numpy()
+    assert np.abs(same.astype(int) - original).max() <= 1
+    assert (out[: 96 // 6] >= 254).all()  # glass stays glass
+
+
+def test_the_macenko_reference_round_trips_and_a_damaged_one_is_one_line(images):
+    ref = macenko_reference(images, model_mpp=2.0)
+    assert ref.downsample == pytest.approx(4.0)
+    back = reference_from_meta({"stain": {"macenko": ref.to_meta()}}, "m.safetensors", "macenko")
+    assert np.allclose(back.stains, ref.stains, atol=1e-6) and np.allclose(back.max_conc, ref.max_conc, atol=1e-6)
+    with pytest.raises(IkdmilError, match="m.safetensors: the model file has no stain reference for macenko"):
+        reference_from_meta({"stain": {"reinhard": {}}}, "m.safetensors", "macenko")
+    with pytest.raises(IkdmilError, match="m.safetensors: damaged stain reference"):
+        reference_from_meta({"stain": {"macenko": dict(ref.to_meta(), max_conc=[1, 0])}}, "m.safetensors", "macenko")

@@ -35,12 +35,25 @@ rounding). Two uses share it:
   resolution (fine texture averages out), so comparing a thumbnail's std with full-resolution
   training pixels would over-stretch every slide. Pure concentration scaling (another lab's
   staining) is undone exactly and glass (zero concentration) stays glass.
+- **Macenko normalisation** (`macenko`, predict `--stain-normalise macenko`; Macenko et al., ISBI 2009):
+  the stain vectors are the image's own, not Ruifrok-Johnston's. On the optical density
+  ``OD = -ln((RGB + 1) / 256)`` of tissue pixels with every channel's OD above `MACENKO_BETA`, the
+  plane of the two largest principal axes holds both stains; the vectors at the `MACENKO_ALPHA` and
+  100 - alpha percentiles of the pixels' angle in that plane are the two stains (haematoxylin the one
+  with the larger red OD). Concentrations are the least-squares solution on those vectors, and each
+  stain's 99th percentile is its `max_conc`. Normalising replaces the slide's vectors by the
+  reference's and scales each concentration by ``max_conc_ref / max_conc_slide``, so a different
+  stain hue is corrected too, which Reinhard's fixed matrix cannot do. Statistics come from the same
+  coarse overview as Reinhard's, for the same reason (percentiles shrink with resolution).
+
+`measure_reference`, `normalise`, `overview_reference` and `reference_from_meta` take either method.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -59,7 +72,11 @@ LOG_ADJUST = float(np.log(1e-6))  # skimage's scaling of the optical density
 REFERENCE_MPP = 8.0  # µm/px at which Reinhard statistics are measured (the tissue overview's, TissueParams.mpp)
 MIN_REFERENCE_SIDE = 16  # training images are not reduced below this many px for the Reinhard reference
 STD_FLOOR = 1e-4  # a channel with less spread than this is only shifted, never divided by ~0
-NORMALISE = ("none", "reinhard")
+NORMALISE = ("none", "reinhard", "macenko")
+MACENKO_BETA = 0.15  # OD below this in any channel is too faint (glass, pale cytoplasm) to place the stains
+MACENKO_ALPHA = 1.0  # percentile of the angle that gives each stain vector (robust extremes)
+MACENKO_MAX_PERCENTILE = 99.0  # a stain's "maximum" concentration
+MACENKO_MIN_PIXELS = 16
 
 
 @dataclass(frozen=True)
@@ -152,6 +169,7 @@ class ReinhardReference:
     """Per-channel HED mean and std of tissue pixels measured at `mpp` µm/px: the training images reduced
     `downsample` times from the model's scale (stored in the model file), or a slide's overview."""
 
+    method: ClassVar[str] = "reinhard"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     mpp: float
@@ -160,6 +178,15 @@ class ReinhardReference:
     def to_meta(self) -> dict:
         return {"mean": _rounded(self.mean), "std": _rounded(self.std), "mpp": round(self.mpp, 6),
                 "downsample": round(self.downsample, 6)}
+
+    @classmethod
+    def from_meta(cls, entry: dict) -> ReinhardReference:
+        mean, std = (tuple(float(v) for v in entry[k]) for k in ("mean", "std"))
+        mpp, factor = float(entry["mpp"]), float(entry["downsample"])
+        if len(mean) != 3 or len(std) != 3 or not np.all(np.isfinite(mean + std)) or min(std) < 0 or \
+                not (mpp > 0 and factor >= 1):
+            raise ValueError("values")
+        return cls(mean, std, mpp, factor)
 
 
 def reduce_rgb(rgb: np.ndarray, factor: float) -> np.ndarray:
@@ -188,17 +215,22 @@ def _hed_pixels(rgb: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     return rgb_to_hed(pixels)[0, :, 0].T.double().numpy()
 
 
-def reinhard_reference(images: np.ndarray, model_mpp: float, max_images: int = MAX_IMAGES
-                       ) -> ReinhardReference | None:
-    """The Reinhard reference of (N,S,S,3) uint8 training images at model scale `model_mpp` µm/px: each
-    reduced to `REFERENCE_MPP` (never below `MIN_REFERENCE_SIDE` px); None without tissue."""
+def _reference_images(images: np.ndarray, model_mpp: float, max_images: int) -> tuple[list[np.ndarray], float]:
+    """(training images reduced to `REFERENCE_MPP`, never below `MIN_REFERENCE_SIDE` px; the factor)."""
     n = len(images)
     if n == 0:
-        return None
+        return [], 1.0
     factor = max(1.0, min(REFERENCE_MPP / model_mpp, min(images.shape[1:3]) / MIN_REFERENCE_SIDE))
     picks = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(int))
-    hed = [_hed_pixels(reduce_rgb(np.asarray(images[i]), factor)) for i in picks]
-    hed = np.concatenate(hed)
+    return [reduce_rgb(np.asarray(images[i]), factor) for i in picks], factor
+
+
+def reinhard_reference(images: np.ndarray, model_mpp: float, max_images: int = MAX_IMAGES
+                       ) -> ReinhardReference | None:
+    """The Reinhard reference of (N,S,S,3) uint8 training images at model scale `model_mpp` µm/px, measured
+    on them reduced to `REFERENCE_MPP` (`_reference_images`); None without tissue."""
+    reduced, factor = _reference_images(images, model_mpp, max_images)
+    hed = np.concatenate([_hed_pixels(r) for r in reduced]) if reduced else np.zeros((0, 3))
     if len(hed) < 2:
         return None
     return ReinhardReference(_floats(hed.mean(0)), _floats(hed.std(0)), model_mpp * factor, factor)
@@ -213,9 +245,9 @@ def measure_reinhard(rgb: np.ndarray, mask: np.ndarray | None = None) -> Reinhar
 
 
 def overview_reference(overview: np.ndarray, mask: np.ndarray | None, overview_mpp: float,
-                       target_mpp: float) -> ReinhardReference | None:
-    """A slide's statistics from its tissue overview (at `overview_mpp` µm/px), reduced to the reference's
-    `target_mpp` first when the overview is finer; None without tissue."""
+                       target_mpp: float, method: str = "reinhard"):
+    """A slide's statistics for `method` from its tissue overview (at `overview_mpp` µm/px), reduced to the
+    reference's `target_mpp` first when the overview is finer; None without tissue."""
     factor = target_mpp / overview_mpp
     if factor > 1.0:
         small = reduce_rgb(overview, factor)
@@ -225,7 +257,7 @@ def overview_reference(overview: np.ndarray, mask: np.ndarray | None, overview_m
             mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(
                 (small.shape[1], small.shape[0]), Image.Resampling.BOX)) >= 128
         overview = small
-    return measure_reinhard(overview, mask)
+    return measure_reference(method, overview, mask)
 
 
 def reinhard(x, source: ReinhardReference, target: ReinhardReference):
@@ -241,22 +273,148 @@ def reinhard(x, source: ReinhardReference, target: ReinhardReference):
     return hed_to_rgb((rgb_to_hed(x) - m_s.view(view)) * gain.view(view) + m_t.view(view))
 
 
-def reinhard_from_meta(meta: dict, path: str | Path) -> ReinhardReference:
-    """The model file's Reinhard reference; a one-line error when it has none (older files) or it is damaged."""
-    entry = (meta.get("stain") or {}).get("reinhard") if isinstance(meta.get("stain"), dict) else None
+def reference_from_meta(meta: dict, path: str | Path, method: str = "reinhard"):
+    """The model file's reference for `method` (reinhard | macenko); a one-line error when it has none
+    (older files) or it is damaged."""
+    entry = (meta.get("stain") or {}).get(method) if isinstance(meta.get("stain"), dict) else None
     if entry is None:
-        raise IkdmilError(f"{path}: the model file has no stain reference (written by an older ikdmil); retrain "
-                          "it, or pass --stain-normalise none")
+        raise IkdmilError(f"{path}: the model file has no stain reference for {method} (written by an older "
+                          "ikdmil); retrain it, or pass --stain-normalise none")
     try:
-        mean, std = (tuple(float(v) for v in entry[k]) for k in ("mean", "std"))
-        mpp, factor = float(entry["mpp"]), float(entry["downsample"])
-        if len(mean) != 3 or len(std) != 3 or not np.all(np.isfinite(mean + std)) or min(std) < 0 or \
-                not (mpp > 0 and factor >= 1):
-            raise ValueError("values")
-        return ReinhardReference(mean, std, mpp, factor)
+        return (MacenkoReference if method == "macenko" else ReinhardReference).from_meta(entry)
     except (KeyError, TypeError, ValueError) as exc:
         raise IkdmilError(f"{path}: damaged stain reference in the model file's metadata ({exc}); copy the file "
                           "again, retrain, or pass --stain-normalise none") from None
+
+
+def reinhard_from_meta(meta: dict, path: str | Path) -> ReinhardReference:
+    """The model file's Reinhard reference (`reference_from_meta`)."""
+    return reference_from_meta(meta, path, "reinhard")
+
+
+# ------------------------------------------------------------------------------------------------ Macenko
+
+
+@dataclass(frozen=True)
+class MacenkoReference:
+    """Unit OD vectors of haematoxylin and eosin (`stains`, 2 x RGB) and each stain's 99th-percentile
+    concentration (`max_conc`), measured at `mpp` µm/px (the training images reduced `downsample` times,
+    or a slide's overview)."""
+
+    method: ClassVar[str] = "macenko"
+    stains: tuple[tuple[float, float, float], tuple[float, float, float]]
+    max_conc: tuple[float, float]
+    mpp: float
+    downsample: float
+
+    def to_meta(self) -> dict:
+        return {"stains": [_rounded(v) for v in self.stains], "max_conc": _rounded(self.max_conc),
+                "mpp": round(self.mpp, 6), "downsample": round(self.downsample, 6)}
+
+    @classmethod
+    def from_meta(cls, entry: dict) -> MacenkoReference:
+        stains = tuple(tuple(float(c) for c in v) for v in entry["stains"])
+        max_conc = tuple(float(v) for v in entry["max_conc"])
+        mpp, factor = float(entry["mpp"]), float(entry["downsample"])
+        values = np.array([c for v in stains for c in v] + list(max_conc), np.float64)
+        if len(stains) != 2 or any(len(v) != 3 for v in stains) or len(max_conc) != 2 or \
+                not np.all(np.isfinite(values)) or min(max_conc) <= 0 or not (mpp > 0 and factor >= 1):
+            raise ValueError("values")
+        return cls(stains, max_conc, mpp, factor)
+
+
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """float64 OD = -ln((RGB + 1) / 256) of uint8 RGB values (any shape ending in 3)."""
+    return -np.log((rgb.astype(np.float64) + 1.0) / 256.0)
+
+
+def _macenko_pixels(rgb: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """(N,3) OD of the tissue pixels dark enough in every channel to place the stains."""
+    from ikdmil.slide.tissue import saturation
+
+    keep = saturation(rgb) > TISSUE_SATURATION
+    if mask is not None:
+        keep &= mask
+    od = optical_density(rgb[keep])
+    return od[(od > MACENKO_BETA).all(axis=1)]
+
+
+def macenko_fit(od: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(stains (2,3) unit OD vectors, H first; max_conc (2,)) from (N,3) tissue OD; None with too few pixels
+    or stains that cannot be told apart."""
+    if len(od) < MACENKO_MIN_PIXELS:
+        return None
+    _, vectors = np.linalg.eigh(np.cov(od.T))
+    plane = vectors[:, [2, 1]]  # the two largest principal axes
+    plane *= np.where(plane.sum(0) < 0, -1.0, 1.0)  # pointing into positive OD
+    xy = od @ plane
+    angle = np.arctan2(xy[:, 1], xy[:, 0])
+    lo, hi = np.percentile(angle, [MACENKO_ALPHA, 100 - MACENKO_ALPHA])
+    a = plane @ np.array([np.cos(lo), np.sin(lo)])
+    b = plane @ np.array([np.cos(hi), np.sin(hi)])
+    stains = np.stack([a, b] if a[0] > b[0] else [b, a])  # haematoxylin absorbs red more than eosin
+    stains /= np.linalg.norm(stains, axis=1, keepdims=True)
+    if abs(float(stains[0] @ stains[1])) > 0.999:
+        return None
+    conc = np.linalg.lstsq(stains.T, od.T, rcond=None)[0]
+    max_conc = np.percentile(conc, MACENKO_MAX_PERCENTILE, axis=1)
+    if not np.all(max_conc > 1e-6):
+        return None
+    return stains, max_conc
+
+
+def measure_macenko(rgb: np.ndarray, mask: np.ndarray | None = None) -> MacenkoReference | None:
+    """A slide's (or patch's) Macenko stains from an RGB image already at the reference's µm/px."""
+    fit = macenko_fit(_macenko_pixels(rgb, mask))
+    if fit is None:
+        return None
+    return MacenkoReference(tuple(_floats(v) for v in fit[0]), tuple(float(v) for v in fit[1]), 0.0, 1.0)
+
+
+def macenko_reference(images: np.ndarray, model_mpp: float, max_images: int = MAX_IMAGES
+                      ) -> MacenkoReference | None:
+    """The Macenko reference of (N,S,S,3) uint8 training images at `model_mpp` µm/px: one fit on the tissue
+    pixels of all of them, reduced as for Reinhard (`_reference_images`); None without enough tissue."""
+    reduced, factor = _reference_images(images, model_mpp, max_images)
+    fit = macenko_fit(np.concatenate([_macenko_pixels(r) for r in reduced])) if reduced else None
+    if fit is None:
+        return None
+    return MacenkoReference(tuple(_floats(v) for v in fit[0]), tuple(float(v) for v in fit[1]),
+                            model_mpp * factor, factor)
+
+
+def macenko(x, source: MacenkoReference, target: MacenkoReference):
+    """uint8 (B,3,H,W) re-stained: concentrations on `source`'s vectors, scaled by the max_conc ratio,
+    recombined with `target`'s vectors."""
+    import torch
+
+    dev = x.device
+    s_inv = torch.linalg.pinv(torch_tensor(source.stains, dev, torch.float32).T)  # (2,3)
+    t = torch_tensor(target.stains, dev, torch.float32)  # (2,3)
+    gain = torch_tensor(target.max_conc, dev, torch.float32) / torch_tensor(source.max_conc, dev, torch.float32)
+    od = -torch.log((x.float() + 1.0) / 256.0)
+    conc = torch.einsum("sc,bchw->bshw", s_inv, od) * gain.view(1, 2, 1, 1)
+    rgb = 256.0 * torch.exp(-torch.einsum("sc,bshw->bchw", t, conc)) - 1.0
+    return rgb.clamp(0, 255).round().to(torch.uint8)
+
+
+# ------------------------------------------------------------------------------------------- either method
+
+
+def measure_reference(method: str, rgb: np.ndarray, mask: np.ndarray | None = None):
+    """A slide's or patch's statistics for `method` (reinhard | macenko) at the reference's µm/px, or None."""
+    return measure_macenko(rgb, mask) if method == "macenko" else measure_reinhard(rgb, mask)
+
+
+def normalise(x, source, target):
+    """uint8 (B,3,H,W) mapped from `source`'s stain onto `target`'s (two references of one method)."""
+    return macenko(x, source, target) if target.method == "macenko" else reinhard(x, source, target)
+
+
+def training_references(images: np.ndarray, model_mpp: float) -> dict:
+    """{method: reference meta} of every normaliser for the model file (methods without tissue left out)."""
+    refs = {"reinhard": reinhard_reference(images, model_mpp), "macenko": macenko_reference(images, model_mpp)}
+    return {k: v.to_meta() for k, v in refs.items() if v is not None}
 
 
 def tissue_hed(rgb: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:

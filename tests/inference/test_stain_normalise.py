@@ -11,7 +11,7 @@ from ikdmil.cli import main
 from ikdmil.errors import IkdmilError
 from ikdmil.inference import PredictSettings, predict
 from ikdmil.prepare.synth import synth_image
-from ikdmil.stain import reinhard_reference, scale_stains, training_stats
+from ikdmil.stain import scale_stains, training_references, training_stats
 
 QUIET = {"progress": False, "echo": lambda *a: None}
 
@@ -21,7 +21,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("normalise")
     rng = np.random.default_rng(0)
     train = np.stack([synth_image(rng, 64, float(i % 2))[0] for i in range(24)])
-    stain = dict(training_stats(train).to_meta(), reinhard=reinhard_reference(train, 0.5).to_meta())
+    stain = dict(training_stats(train).to_meta(), **training_references(train, 0.5))
     img, _ = synth_slide(np.random.default_rng(1), 4, 4, 64, tumour={(1, 1)}, glass={(0, 0)})
     slides = {"same": write_slide(root / "same.tif", img, mpp=0.5, levels=2),
               "shifted": write_slide(root / "shifted.tif", scale_stains(img, haematoxylin=1.8, eosin=0.6),
@@ -37,12 +37,17 @@ def _map(setup, slide, out, **settings) -> np.ndarray:
     return tifffile.imread(out / slide / "probability.tif", key=0).astype(float) / 255
 
 
-def test_reinhard_brings_a_stain_shifted_slide_back_towards_the_unshifted_map(setup, tmp_path):
+# The fake slide's painted tissue is no two-stain mixture and the shift (H x1.8, E x0.6) lies along skimage's
+# H&E axes, which Reinhard undoes exactly; Macenko fits its own axes to the paint and gets part of the way
+# (benchmarks/stain_shift.py measures both on real GlaS images; tests/test_stain.py has a hue shift that
+# Macenko corrects and Reinhard does not).
+@pytest.mark.parametrize("method,most", [("reinhard", 0.4), ("macenko", 0.8)])
+def test_normalising_brings_a_stain_shifted_slide_back_towards_the_unshifted_map(setup, tmp_path, method, most):
     same = _map(setup, "same", tmp_path / "a")
     shifted = _map(setup, "shifted", tmp_path / "b")
-    normalised = _map(setup, "shifted", tmp_path / "c", stain_normalise="reinhard")
+    normalised = _map(setup, "shifted", tmp_path / "c", stain_normalise=method)
     before, after = np.abs(shifted - same).mean(), np.abs(normalised - same).mean()
-    assert before > 0.02 and after < 0.4 * before, (before, after)
+    assert before > 0.02 and after < most * before, (before, after)
 
 
 def test_the_mapping_is_per_slide_so_tile_size_does_not_change_it(setup, tmp_path):

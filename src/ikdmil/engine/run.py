@@ -55,7 +55,7 @@ from ikdmil.inference.settings import DEFAULT_MODEL_MPP
 from ikdmil.io import remove_stale_temps, write_text
 from ikdmil.models import MILSegmenter, create_model
 from ikdmil.models.checkpoint import load_model, save_model
-from ikdmil.stain import reinhard_reference, training_stats
+from ikdmil.stain import training_references, training_stats
 
 logger = logging.getLogger(__name__)
 
@@ -216,10 +216,11 @@ class TrainingRun:
             images = self.train_arrays.images
             stats = training_stats(images)
             self._stain_meta = None if stats is None else stats.to_meta()
-            # predict --stain-normalise reinhard maps slides onto this (at predict's idea of the model's µm/px)
-            ref = reinhard_reference(images, self.scale.mpp if self.scale.mpp > 0 else DEFAULT_MODEL_MPP)
-            if self._stain_meta is not None and ref is not None:
-                self._stain_meta["reinhard"] = ref.to_meta()
+            # predict --stain-normalise reinhard|macenko maps slides onto these (at predict's idea of the
+            # model's µm/px)
+            if self._stain_meta is not None:
+                mpp = self.scale.mpp if self.scale.mpp > 0 else DEFAULT_MODEL_MPP
+                self._stain_meta.update(training_references(images, mpp))
             if stats is None:
                 logger.debug("too few training images with tissue for stain statistics; the model file gets none")
         return self._stain_meta

@@ -30,7 +30,7 @@ from ikdmil.device import autocast
 from ikdmil.errors import IkdmilError
 from ikdmil.inference.onnx_backend import OnnxFused, resolve_backend
 from ikdmil.inference.settings import DEFAULT_MODEL_MPP, MAX_SLIDE_MPP, PredictSettings
-from ikdmil.stain import ReinhardReference, StainStats, from_meta, reinhard_from_meta
+from ikdmil.stain import MacenkoReference, ReinhardReference, StainStats, from_meta, reference_from_meta
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ class LoadedModel:
     reach: int | None = None  # model px an output depends on around it (tile-invariant backbones only)
     net_stride: int = 1  # the backbone's coarsest output stride (tile origins are aligned to it)
     stain: StainStats | None = None  # the training data's stain statistics (None: the file has none)
-    reinhard: ReinhardReference | None = None  # with --stain-normalise reinhard: the training data's reference
+    # with --stain-normalise reinhard|macenko: the training data's reference for that method
+    stain_reference: ReinhardReference | MacenkoReference | None = None
     backend: str = "torch"  # torch | onnxruntime (`ikdmil.inference.onnx_backend`)
     runner: object | None = None  # the ONNX Runtime fused map when backend is onnxruntime
 
@@ -117,7 +118,8 @@ def load_for_inference(path: str | os.PathLike, settings: PredictSettings,
                                   lambda v: v >= 16, default=256)
     lm = LoadedModel(model, meta, Path(path), device, input_size, mpp, source, settings.amp, batch,
                      stain=from_meta(meta, path),
-                     reinhard=reinhard_from_meta(meta, path) if settings.stain_normalise == "reinhard" else None)
+                     stain_reference=None if settings.stain_normalise == "none"
+                     else reference_from_meta(meta, path, settings.stain_normalise))
     if settings.tile_size is None and settings.overlap is None:
         lm.reach, lm.net_stride = _reach_of(model, meta)
     lm.backend = resolve_backend(settings.backend, device)

@@ -59,7 +59,7 @@ from ikdmil.inference.slide import is_done, predict_slide
 from ikdmil.inference.tiling import resolve_tiling
 from ikdmil.io import one_line, read_rgb, remove_stale_temps, write_png
 from ikdmil.slide.reader import PLAIN_SUFFIXES, expand_inputs, image_mpp, is_plain_image, level0_area
-from ikdmil.stain import ReinhardReference, measure_reinhard, reduce_rgb, reinhard
+from ikdmil.stain import MacenkoReference, ReinhardReference, measure_reference, normalise, reduce_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -320,8 +320,8 @@ def predict_patches(lm: LoadedModel, paths: list[Path], out: Path, settings: Pre
             factor, source = patch_scale(lm, settings, p, (h, w))
             sh, sw = scaled_shape((h, w), factor)
             scaled = resize_rgb(img, (sh, sw))
-            if lm.reinhard is not None:
-                x = normalise_patches(torch.tensor(scaled).permute(2, 0, 1)[None], lm.reinhard)
+            if lm.stain_reference is not None:
+                x = normalise_patches(torch.tensor(scaled).permute(2, 0, 1)[None], lm.stain_reference)
                 scaled = x[0].permute(1, 2, 0).numpy()
             canvas = np.full((1, max(sh, tile), max(sw, tile), 3), 255, np.uint8)
             canvas[0, :sh, :sw] = scaled
@@ -340,14 +340,14 @@ def predict_patches(lm: LoadedModel, paths: list[Path], out: Path, settings: Pre
     return failures
 
 
-def normalise_patches(batch: torch.Tensor, reference: ReinhardReference) -> torch.Tensor:
-    """--stain-normalise reinhard for patches: each one mapped by its own statistics (measured, like the
-    reference, `reference.downsample` times smaller); a patch without stained tissue is left as it is."""
+def normalise_patches(batch: torch.Tensor, reference: ReinhardReference | MacenkoReference) -> torch.Tensor:
+    """--stain-normalise for patches: each one mapped by its own statistics (measured, like the reference,
+    `reference.downsample` times smaller); a patch without (enough) stained tissue is left as it is."""
     out = []
     for x in batch:
         rgb = x.permute(1, 2, 0).numpy()
-        source = measure_reinhard(reduce_rgb(rgb, reference.downsample))
-        out.append(x if source is None else reinhard(x[None], source, reference)[0])
+        source = measure_reference(reference.method, reduce_rgb(rgb, reference.downsample))
+        out.append(x if source is None else normalise(x[None], source, reference)[0])
     return torch.stack(out)
 
 

@@ -69,7 +69,7 @@ class PredictSettings:
     overwrite: bool = False
     large_tiles: bool = False
     backend: str = "auto"  # auto | torch | onnxruntime (see ikdmil.inference.onnx_backend)
-    stain_normalise: str = "none"  # none | reinhard (ikdmil.stain): map each slide's stain onto the training data's
+    stain_normalise: str = "none"  # none | reinhard | macenko (ikdmil.stain): map each slide's stain onto training's
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -117,9 +117,10 @@ class PredictSettings:
         "backend": Opt("model runtime: auto (ONNX Runtime on CPU when installed: pip install 'ikdmil[onnx]', "
                        "measured 1.35x a slide's throughput there, same maps; else PyTorch) | torch | onnxruntime",
                        choices=("auto", "torch", "onnxruntime")),
-        "stain_normalise": Opt("stain normalisation before the model: none | reinhard = map the slide's mean and "
-                               "std of haematoxylin / eosin (measured once per slide on its tissue overview, or per "
-                               "patch) onto the training data's, stored in the model file",
+        "stain_normalise": Opt("stain normalisation onto the training data's stain (stored in the model file), "
+                               "measured once per slide on its tissue overview, or per patch: none | reinhard = "
+                               "match the haematoxylin / eosin mean and std | macenko = the slide's own stain "
+                               "vectors replaced by the training data's, concentrations rescaled",
                                choices=NORMALISE),
         "overwrite": Opt("redo slides already done with the same settings (default: skip them)"),
         "large_tiles": Opt("fully convolutional backbones (vgg16, resnet*): tiles of 384-2048 px, per slide the "

@@ -70,7 +70,7 @@ from ikdmil.io import chmod_default, make_temp_dir, one_line, replace_folder, wr
 from ikdmil.slide.reader import Slide, open_slide
 from ikdmil.slide.tiff import write_pyramid_tiff
 from ikdmil.slide.tissue import TissueMap, slide_tissue
-from ikdmil.stain import ReinhardReference, overview_reference, reinhard
+from ikdmil.stain import MacenkoReference, ReinhardReference, normalise, overview_reference
 from ikdmil.visualize import SLIDE_OVERLAY_LEGEND
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class SlideJob:
     boxes: list[Box]  # level-0 boxes of the tiles to run, in row order
     cells: list[tuple[int, int]]  # their (row, col) in the tile grid
     batch_size: int  # tiles per forward pass
-    stain_source: ReinhardReference | None = None  # --stain-normalise reinhard: this slide's statistics
+    stain_source: ReinhardReference | MacenkoReference | None = None  # --stain-normalise: this slide's
 
 
 def predict_slide(lm: LoadedModel, slide_path: Path, out_dir: Path, settings: PredictSettings,
@@ -173,13 +173,15 @@ def plan_slide(lm: LoadedModel, slide: Slide, slide_path: Path, settings: Predic
 
 
 def _stain_source(lm: LoadedModel, slide: Slide, slide_path: Path, tissue: TissueMap,
-                  overview: np.ndarray) -> ReinhardReference | None:
-    """The slide's Reinhard statistics, once per slide from its tissue overview (so every tile, whatever
-    its size, is mapped alike); None without --stain-normalise reinhard or without stained tissue."""
-    if lm.reinhard is None:
+                  overview: np.ndarray) -> ReinhardReference | MacenkoReference | None:
+    """The slide's stain statistics for --stain-normalise, once per slide from its tissue overview (so every
+    tile, whatever its size, is mapped alike); None without normalisation or without stained tissue."""
+    target = lm.stain_reference
+    if target is None:
         return None
     overview_mpp = tissue.downsample[0] * min(slide.require_mpp())
-    source = overview_reference(overview, tissue.mask, overview_mpp, lm.mpp * lm.reinhard.downsample)
+    source = overview_reference(overview, tissue.mask, overview_mpp, lm.mpp * target.downsample,
+                                target.method)
     if source is None:
         logger.warning("%s: no stained tissue on the overview; its tiles are not stain-normalised", slide_path.name)
     return source
@@ -222,10 +224,10 @@ def run_slide(job: SlideJob, tmp: Path, progress: bool, t_start: float) -> dict:
     seen = thumb  # the stain check measures what the model saw: the normalised slide with --stain-normalise
     if job.stain_source is not None:
         x = torch.from_numpy(np.ascontiguousarray(thumb)).permute(2, 0, 1)[None]
-        seen = reinhard(x, job.stain_source, job.lm.reinhard)[0].permute(1, 2, 0).numpy()
+        seen = normalise(x, job.stain_source, job.lm.stain_reference)[0].permute(1, 2, 0).numpy()
     slide_warnings(summary, seen, thumb_tissue, job.lm.stain, raw=thumb if seen is not thumb else None)
-    if job.lm.reinhard is not None:
-        summary["stain_normalise"] = ({"method": "reinhard", "slide": job.stain_source.to_meta()}
+    if job.lm.stain_reference is not None:
+        summary["stain_normalise"] = ({"method": job.lm.stain_reference.method, "slide": job.stain_source.to_meta()}
                                       if job.stain_source is not None else {"method": "none", "reason": "no tissue"})
     return summary
 
@@ -250,7 +252,7 @@ def stitch_tiles(job: SlideJob, prob: np.ndarray, mask: np.ndarray, progress: bo
             if bad:
                 raise IkdmilError(bad[0])
             if job.stain_source is not None:
-                batch = reinhard(batch.to(lm.device, non_blocking=True), job.stain_source, lm.reinhard)
+                batch = normalise(batch.to(lm.device, non_blocking=True), job.stain_source, lm.stain_reference)
             maps = tile_maps(lm, batch, settings.sigma, s)
             for k, i in enumerate(idx.tolist()):
                 row, col = job.cells[i]
