@@ -7,10 +7,12 @@ it is (`none`) and after normalisation onto the model file's reference (`reinhar
 image by its own statistics, as `predict` treats a patch). `--reference train` measures the references
 on the dataset's train split at the model's scale instead, as training does (for model files written
 before a method existed). Prints one JSON line per shift and method: F1 and IoU over the split, as
-`ikdmil evaluate` computes them.
+`ikdmil evaluate` computes them. Given several models (e.g. one per seed), it then prints one
+``"summary"`` line per shift and method: mean and sample std of F1 and IoU over the models.
 
     ikdmil prepare glas ../shared/data/glas data/glas
     python benchmarks/stain_shift.py runs/stain-aug/model.safetensors data/glas --split test
+    python benchmarks/stain_shift.py runs/exp/vgg16/teacher/seed*/teacher.safetensors data/glas --reference train
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def shifted_arrays(arrays, h: float, e: float, reference=None):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="model file (.safetensors) written by ikdmil train / run")
+    p.add_argument("model", nargs="+", help="model file(s) (.safetensors) written by ikdmil train / run")
     p.add_argument("data", help="prepared dataset folder or manifest (ikdmil prepare glas SRC OUT)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--shifts", default=DEFAULT_SHIFTS, help="haematoxylin,eosin scale pairs separated by ';'")
@@ -68,6 +70,31 @@ def main(argv=None) -> int:
 
 
 def run(args):
+    """Each model's lines, then (several models) the summary lines."""
+    methods = [m.strip() for m in args.normalise.split(",") if m.strip()]
+    from ikdmil.stain import NORMALISE
+
+    if not set(methods) <= set(NORMALISE):
+        raise IkdmilError(f"--normalise {args.normalise!r}: give some of {', '.join(NORMALISE)}, separated by commas")
+    pairs = [tuple(float(v) for v in pair.split(",")) for pair in args.shifts.split(";")]
+    lines = []
+    for model in args.model:
+        for line in run_model(args, model, methods, pairs):
+            lines.append(line)
+            yield line
+    if len(args.model) > 1:
+        for h, e in pairs:
+            for method in methods:
+                rows = [r for r in lines if (r["haematoxylin"], r["eosin"], r["normalise"]) == (h, e, method)]
+                out = {"summary": True, "split": args.split, "haematoxylin": h, "eosin": e, "normalise": method,
+                       "models": len(rows)}
+                for k in ("f1", "iou"):
+                    values = np.array([r[k] for r in rows], np.float64)
+                    out[f"{k}_mean"], out[f"{k}_std"] = float(values.mean()), float(values.std(ddof=1))
+                yield out
+
+
+def run_model(args, model_path: str, methods: list[str], pairs: list[tuple[float, float]]):
     from ikdmil.data.dataset import build_cache
     from ikdmil.data.manifest import load_samples, select_split
     from ikdmil.data.scale import scale_for_model
@@ -75,14 +102,10 @@ def run(args):
     from ikdmil.engine.evaluate import predict_fused, score_predictions
     from ikdmil.inference.settings import DEFAULT_MODEL_MPP
     from ikdmil.models.checkpoint import load_model
-    from ikdmil.stain import NORMALISE, reference_from_meta, training_references
+    from ikdmil.stain import reference_from_meta, training_references
 
-    methods = [m.strip() for m in args.normalise.split(",") if m.strip()]
-    if not set(methods) <= set(NORMALISE):
-        raise IkdmilError(f"--normalise {args.normalise!r}: give some of {', '.join(NORMALISE)}, separated by commas")
-    pairs = [tuple(float(v) for v in pair.split(",")) for pair in args.shifts.split(";")]
     device = resolve_device(args.device)
-    model, meta = load_model(args.model, device)
+    model, meta = load_model(model_path, device)
     size = int(meta.get("input_size", 256))
     samples = load_samples(args.data)
     split = select_split(samples, args.split, args.data, need_both=False)
@@ -92,13 +115,13 @@ def run(args):
         train = build_cache(select_split(samples, "train", args.data, need_both=False), size, args.cache_dir or None,
                             False, scale=scale)
         meta = {"stain": training_references(train.images, scale.mpp if scale.mpp > 0 else DEFAULT_MODEL_MPP)}
-    references = {m: reference_from_meta(meta, args.model, m) for m in methods if m != "none"}
+    references = {m: reference_from_meta(meta, model_path, m) for m in methods if m != "none"}
     for h, e in pairs:
         for method in methods:
             shifted = shifted_arrays(arrays, h, e, references.get(method))
             probs = predict_fused(model, shifted, device, amp=True)
             summary, _ = score_predictions(probs, shifted, args.eval_sigma, args.threshold, distances=False)
-            yield {"model": str(args.model), "split": args.split, "haematoxylin": h, "eosin": e,
+            yield {"model": str(model_path), "split": args.split, "haematoxylin": h, "eosin": e,
                    "normalise": method, "images": summary.get("n"), "f1": summary.get("f1"),
                    "iou": summary.get("iou")}
 

@@ -70,7 +70,14 @@ def test_stain_shift_scores_a_model_with_and_without_normalisation(tiny_synth, t
     old = save_model(model, tmp_path / "old.safetensors", input_size=32)
     proc = _run("stain_shift.py", str(old), str(tiny_synth), "--device", "cpu", "--cache-dir", str(tmp_path / "c"))
     assert proc.returncode == 2 and "old.safetensors: the model file has no stain reference" in proc.stderr
-    proc = _run("stain_shift.py", str(old), str(tiny_synth), "--device", "cpu", "--cache-dir", str(tmp_path / "c"),
-                "--shifts", "1,1", "--reference", "train")  # measured on the train split as training does
+    # references measured on the train split as training does; two models: then mean and std over them
+    proc = _run("stain_shift.py", str(old), str(path), str(tiny_synth), "--device", "cpu", "--cache-dir",
+                str(tmp_path / "c"), "--shifts", "1,1", "--reference", "train")
     assert proc.returncode == 0, proc.stderr
-    assert [json.loads(line)["normalise"] for line in proc.stdout.splitlines()] == ["none", "reinhard", "macenko"]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["normalise"] for r in lines] == ["none", "reinhard", "macenko"] * 3
+    for summary in lines[6:]:
+        runs = [r["f1"] for r in lines[:6] if r["normalise"] == summary["normalise"]]
+        assert summary["summary"] and summary["models"] == 2
+        assert summary["f1_mean"] == pytest.approx(np.mean(runs)) and summary["f1_std"] == pytest.approx(
+            np.std(runs, ddof=1))
