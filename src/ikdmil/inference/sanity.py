@@ -34,9 +34,10 @@ def tumour_fraction_warning(name: str, fraction: float, model_mpp: float, mpp_so
             f"{mpp_source}; --model-mpp), the stain and --threshold before trusting the mask")
 
 
-def stain_check(name: str, thumb: np.ndarray, tissue: np.ndarray,
-                reference: StainStats | None) -> tuple[dict, str | None]:
-    """(the summary's "stain" entry, a warning or None) for a slide thumbnail and its tissue mask."""
+def stain_check(name: str, thumb: np.ndarray, tissue: np.ndarray, reference: StainStats | None,
+                normalised: bool = False) -> tuple[dict, str | None]:
+    """(the summary's "stain" entry, a warning or None) for a slide thumbnail and its tissue mask;
+    `normalised`: the thumbnail is already stain-normalised (the warning then suggests no normaliser)."""
     if reference is None:
         logger.debug("%s: the model file has no stain statistics (written by an older ikdmil); stain check skipped",
                      name)
@@ -54,8 +55,9 @@ def stain_check(name: str, thumb: np.ndarray, tissue: np.ndarray,
     direction = "stronger" if stats.mean[worst] > reference.mean[worst] else "weaker"
     return entry, (f"{name}: stain far from the training data's ({CHANNELS[worst]} {direction}: mean "
                    f"{stats.mean[worst]:.4f} vs {reference.mean[worst]:.4f}, {z[worst]:.1f} training spreads, more "
-                   f"than {STAIN_Z_WARN:g}); the model may be unreliable here: check the staining and scan, or use "
-                   "a model trained on slides stained like it")
+                   f"than {STAIN_Z_WARN:g}); the model may be unreliable here: check the staining and scan, "
+                   + ("" if normalised else "try --stain-normalise macenko (README: Stain robustness), ")
+                   + "or use a model trained on slides stained like it")
 
 
 def slide_warnings(summary: dict, thumb: np.ndarray, tissue: np.ndarray, reference: StainStats | None,
@@ -71,7 +73,7 @@ def slide_warnings(summary: dict, thumb: np.ndarray, tissue: np.ndarray, referen
                                      summary["model_mpp_source"])
     if tumour:
         warnings.append(tumour)
-    summary["stain"], stain = stain_check(name, thumb, tissue, reference)
+    summary["stain"], stain = stain_check(name, thumb, tissue, reference, normalised=raw is not None)
     if raw is not None and summary["stain"]["checked"]:
         before, _ = stain_check(name, raw, tissue, reference)
         summary["stain"]["measured_on"] = "the stain-normalised thumbnail"
