@@ -23,7 +23,6 @@ import json
 import sys
 
 import numpy as np
-import torch
 
 from ikdmil.errors import IkdmilError
 
@@ -32,7 +31,7 @@ DEFAULT_SHIFTS = "1,1;0.6,1;1.6,1;1,0.6;1,1.6;1.6,0.6;0.6,1.6"
 
 def shifted_arrays(arrays, h: float, e: float, reference=None):
     """A copy of the split's arrays with every image's stains scaled (then normalised onto `reference`)."""
-    from ikdmil.inference.predict import normalise_patches
+    from ikdmil.inference.predict import normalise_patch
     from ikdmil.stain import scale_stains
 
     images = np.array(arrays.images)
@@ -41,8 +40,7 @@ def shifted_arrays(arrays, h: float, e: float, reference=None):
         if (h, e) != (1.0, 1.0):
             valid[...] = scale_stains(valid, h, e)
         if reference is not None:
-            x = torch.from_numpy(np.ascontiguousarray(valid)).permute(2, 0, 1)[None]
-            valid[...] = normalise_patches(x, reference)[0].permute(1, 2, 0).numpy()
+            valid[...] = normalise_patch(valid, reference)
     return dataclasses.replace(arrays, images=images)
 
 

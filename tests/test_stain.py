@@ -20,7 +20,6 @@ from ikdmil.stain import (
     measure_reinhard,
     reference_from_meta,
     reinhard,
-    reinhard_from_meta,
     reinhard_reference,
     rgb_to_hed,
     scale_stains,
@@ -152,14 +151,15 @@ def test_the_reference_is_measured_at_the_overview_scale_and_old_model_files_giv
     ref = reinhard_reference(images, model_mpp=2.0)  # 8 µm/px would be 4x smaller: 64 px -> 16 px
     assert ref.downsample == pytest.approx(4.0) and ref.mpp == pytest.approx(8.0)
     assert reinhard_reference(images, model_mpp=0.25).downsample == pytest.approx(4.0)  # never below 16 px
-    back = reinhard_from_meta({"stain": {"reinhard": ref.to_meta()}}, "m.safetensors")
+    back = reference_from_meta({"stain": {"reinhard": ref.to_meta()}}, "m.safetensors", "reinhard")
     assert back.mean == pytest.approx(ref.mean, abs=1e-6)
     for meta in ({}, {"stain": training_stats(images).to_meta()}):
         with pytest.raises(IkdmilError, match=r"m.safetensors: the model file has no stain reference .* retrain "
                                                r"it, or pass --stain-normalise none"):
-            reinhard_from_meta(meta, "m.safetensors")
+            reference_from_meta(meta, "m.safetensors", "reinhard")
     with pytest.raises(IkdmilError, match="m.safetensors: damaged stain reference"):
-        reinhard_from_meta({"stain": {"reinhard": dict(ref.to_meta(), std=[1, -1, 1])}}, "m.safetensors")
+        reference_from_meta({"stain": {"reinhard": dict(ref.to_meta(), std=[1, -1, 1])}}, "m.safetensors",
+                            "reinhard")
 
 
 # ------------------------------------------------------------------------------------------------ Macenko

@@ -173,8 +173,8 @@ class RunConfig:
         "wce_scale": Opt("weight a of the weighted-CE regulariser", min=0),
         "augment": Opt("random flips and 90-degree rotations"),
         "stain_augment": Opt("HED stain jitter in training: per image each of H, E and the residual x (1 + N(0, "
-                             "SIGMA)) + N(0, SIGMA x 0.02); default 0 = off until a validation measurement supports "
-                             "another value (the stain-aug experiment variant: 0.05); stage 2's teacher sees the "
+                             "SIGMA)) + N(0, SIGMA x 0.02); default 0 = off (on GlaS validation 0.05 changed "
+                             "nothing measurable, README: Stain robustness); stage 2's teacher sees the "
                              "un-jittered image", min=0, max=1),
         "teacher_cache": Opt("stage 2: cache the frozen teacher's maps per image and flip/rotation within a cycle "
                              "(exactly the live teacher's); --no-teacher-cache runs it live in every step"),

@@ -72,7 +72,6 @@ LOG_ADJUST = float(np.log(1e-6))  # skimage's scaling of the optical density
 REFERENCE_MPP = 8.0  # µm/px at which Reinhard statistics are measured (the tissue overview's, TissueParams.mpp)
 MIN_REFERENCE_SIDE = 16  # training images are not reduced below this many px for the Reinhard reference
 STD_FLOOR = 1e-4  # a channel with less spread than this is only shifted, never divided by ~0
-NORMALISE = ("none", "reinhard", "macenko")
 MACENKO_BETA = 0.15  # OD below this in any channel is too faint (glass, pale cytoplasm) to place the stains
 MACENKO_ALPHA = 1.0  # percentile of the angle that gives each stain vector (robust extremes)
 MACENKO_MAX_PERCENTILE = 99.0  # a stain's "maximum" concentration
@@ -200,18 +199,25 @@ def reduce_rgb(rgb: np.ndarray, factor: float) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
 
 
-def _hed_pixels(rgb: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """(N,3) unclamped HED (the normaliser's space) of the tissue pixels of a uint8 RGB image."""
-    import torch
-
+def tissue_pixels(rgb: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """(N,3) uint8 tissue pixels of an RGB image: HSV saturation above `TISSUE_SATURATION`, within `mask`
+    when given (every statistic and normaliser here measures these)."""
     from ikdmil.slide.tissue import saturation
 
     keep = saturation(rgb) > TISSUE_SATURATION
     if mask is not None:
         keep &= mask
-    if not keep.any():
+    return rgb[keep]
+
+
+def _hed_pixels(rgb: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """(N,3) unclamped HED (the normaliser's space) of the tissue pixels of a uint8 RGB image."""
+    import torch
+
+    tissue = tissue_pixels(rgb, mask)
+    if len(tissue) == 0:
         return np.zeros((0, 3), np.float64)
-    pixels = torch.from_numpy(np.ascontiguousarray(rgb[keep]))[None].permute(2, 0, 1)[None]  # (1,3,1,N)
+    pixels = torch.from_numpy(np.ascontiguousarray(tissue))[None].permute(2, 0, 1)[None]  # (1,3,1,N)
     return rgb_to_hed(pixels)[0, :, 0].T.double().numpy()
 
 
@@ -281,15 +287,10 @@ def reference_from_meta(meta: dict, path: str | Path, method: str = "reinhard"):
         raise IkdmilError(f"{path}: the model file has no stain reference for {method} (written by an older "
                           "ikdmil); retrain it, or pass --stain-normalise none")
     try:
-        return (MacenkoReference if method == "macenko" else ReinhardReference).from_meta(entry)
+        return _METHODS[method][0].from_meta(entry)
     except (KeyError, TypeError, ValueError) as exc:
         raise IkdmilError(f"{path}: damaged stain reference in the model file's metadata ({exc}); copy the file "
                           "again, retrain, or pass --stain-normalise none") from None
-
-
-def reinhard_from_meta(meta: dict, path: str | Path) -> ReinhardReference:
-    """The model file's Reinhard reference (`reference_from_meta`)."""
-    return reference_from_meta(meta, path, "reinhard")
 
 
 # ------------------------------------------------------------------------------------------------ Macenko
@@ -330,12 +331,7 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
 
 def _macenko_pixels(rgb: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """(N,3) OD of the tissue pixels dark enough in every channel to place the stains."""
-    from ikdmil.slide.tissue import saturation
-
-    keep = saturation(rgb) > TISSUE_SATURATION
-    if mask is not None:
-        keep &= mask
-    od = optical_density(rgb[keep])
+    od = optical_density(tissue_pixels(rgb, mask))
     return od[(od > MACENKO_BETA).all(axis=1)]
 
 
@@ -365,10 +361,14 @@ def macenko_fit(od: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 
 def measure_macenko(rgb: np.ndarray, mask: np.ndarray | None = None) -> MacenkoReference | None:
     """A slide's (or patch's) Macenko stains from an RGB image already at the reference's µm/px."""
-    fit = macenko_fit(_macenko_pixels(rgb, mask))
+    return _macenko_reference(macenko_fit(_macenko_pixels(rgb, mask)), 0.0, 1.0)
+
+
+def _macenko_reference(fit, mpp: float, downsample: float) -> MacenkoReference | None:
+    """The reference of a `macenko_fit` result (None stays None)."""
     if fit is None:
         return None
-    return MacenkoReference(tuple(_floats(v) for v in fit[0]), tuple(float(v) for v in fit[1]), 0.0, 1.0)
+    return MacenkoReference(tuple(_floats(v) for v in fit[0]), tuple(float(v) for v in fit[1]), mpp, downsample)
 
 
 def macenko_reference(images: np.ndarray, model_mpp: float, max_images: int = MAX_IMAGES
@@ -377,10 +377,7 @@ def macenko_reference(images: np.ndarray, model_mpp: float, max_images: int = MA
     pixels of all of them, reduced as for Reinhard (`_reference_images`); None without enough tissue."""
     reduced, factor = _reference_images(images, model_mpp, max_images)
     fit = macenko_fit(np.concatenate([_macenko_pixels(r) for r in reduced])) if reduced else None
-    if fit is None:
-        return None
-    return MacenkoReference(tuple(_floats(v) for v in fit[0]), tuple(float(v) for v in fit[1]),
-                            model_mpp * factor, factor)
+    return _macenko_reference(fit, model_mpp * factor, factor)
 
 
 def macenko(x, source: MacenkoReference, target: MacenkoReference):
@@ -401,19 +398,35 @@ def macenko(x, source: MacenkoReference, target: MacenkoReference):
 # ------------------------------------------------------------------------------------------- either method
 
 
+#: per normaliser: (reference class, measure an image, map a batch, the training images' reference)
+_METHODS = {
+    "reinhard": (ReinhardReference, measure_reinhard, reinhard, reinhard_reference),
+    "macenko": (MacenkoReference, measure_macenko, macenko, macenko_reference),
+}
+NORMALISE = ("none", *_METHODS)  # predict --stain-normalise choices
+
+
 def measure_reference(method: str, rgb: np.ndarray, mask: np.ndarray | None = None):
     """A slide's or patch's statistics for `method` (reinhard | macenko) at the reference's µm/px, or None."""
-    return measure_macenko(rgb, mask) if method == "macenko" else measure_reinhard(rgb, mask)
+    return _METHODS[method][1](rgb, mask)
 
 
 def normalise(x, source, target):
     """uint8 (B,3,H,W) mapped from `source`'s stain onto `target`'s (two references of one method)."""
-    return macenko(x, source, target) if target.method == "macenko" else reinhard(x, source, target)
+    return _METHODS[target.method][2](x, source, target)
+
+
+def normalise_rgb(rgb: np.ndarray, source, target) -> np.ndarray:
+    """`normalise` for one uint8 (H,W,3) image, as an (H,W,3) array."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
+    return normalise(x, source, target)[0].permute(1, 2, 0).numpy()
 
 
 def training_references(images: np.ndarray, model_mpp: float) -> dict:
     """{method: reference meta} of every normaliser for the model file (methods without tissue left out)."""
-    refs = {"reinhard": reinhard_reference(images, model_mpp), "macenko": macenko_reference(images, model_mpp)}
+    refs = {name: m[3](images, model_mpp) for name, m in _METHODS.items()}
     return {k: v.to_meta() for k, v in refs.items() if v is not None}
 
 
@@ -421,12 +434,7 @@ def tissue_hed(rgb: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """(N, 3) float HED values of the tissue pixels of a uint8 RGB image (within `mask` when given)."""
     from skimage.color import rgb2hed
 
-    from ikdmil.slide.tissue import saturation
-
-    keep = saturation(rgb) > TISSUE_SATURATION
-    if mask is not None:
-        keep &= mask
-    pixels = rgb[keep]
+    pixels = tissue_pixels(rgb, mask)
     if len(pixels) == 0:
         return np.zeros((0, 3), np.float64)
     return rgb2hed(pixels[:, None, :])[:, 0, :]

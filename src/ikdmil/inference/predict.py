@@ -59,7 +59,7 @@ from ikdmil.inference.slide import is_done, predict_slide
 from ikdmil.inference.tiling import resolve_tiling
 from ikdmil.io import one_line, read_rgb, remove_stale_temps, write_png
 from ikdmil.slide.reader import PLAIN_SUFFIXES, expand_inputs, image_mpp, is_plain_image, level0_area
-from ikdmil.stain import MacenkoReference, ReinhardReference, measure_reference, normalise, reduce_rgb
+from ikdmil.stain import MacenkoReference, ReinhardReference, measure_reference, normalise_rgb, reduce_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -321,8 +321,7 @@ def predict_patches(lm: LoadedModel, paths: list[Path], out: Path, settings: Pre
             sh, sw = scaled_shape((h, w), factor)
             scaled = resize_rgb(img, (sh, sw))
             if lm.stain_reference is not None:
-                x = normalise_patches(torch.tensor(scaled).permute(2, 0, 1)[None], lm.stain_reference)
-                scaled = x[0].permute(1, 2, 0).numpy()
+                scaled = normalise_patch(scaled, lm.stain_reference)
             canvas = np.full((1, max(sh, tile), max(sw, tile), 3), 255, np.uint8)
             canvas[0, :sh, :sw] = scaled
             prob = tiled_maps(smoothed, canvas, np.array([[sh, sw]]), tile, lm.batch_size)[0, :sh, :sw]
@@ -340,15 +339,11 @@ def predict_patches(lm: LoadedModel, paths: list[Path], out: Path, settings: Pre
     return failures
 
 
-def normalise_patches(batch: torch.Tensor, reference: ReinhardReference | MacenkoReference) -> torch.Tensor:
-    """--stain-normalise for patches: each one mapped by its own statistics (measured, like the reference,
-    `reference.downsample` times smaller); a patch without (enough) stained tissue is left as it is."""
-    out = []
-    for x in batch:
-        rgb = x.permute(1, 2, 0).numpy()
-        source = measure_reference(reference.method, reduce_rgb(rgb, reference.downsample))
-        out.append(x if source is None else normalise(x[None], source, reference)[0])
-    return torch.stack(out)
+def normalise_patch(rgb: np.ndarray, reference: ReinhardReference | MacenkoReference) -> np.ndarray:
+    """--stain-normalise for a uint8 (H,W,3) patch: mapped by its own statistics (measured, like the
+    reference, `reference.downsample` times smaller); a patch without (enough) stained tissue is left as it is."""
+    source = measure_reference(reference.method, reduce_rgb(rgb, reference.downsample))
+    return rgb if source is None else normalise_rgb(rgb, source, reference)
 
 
 def classify_input(path: Path, settings: PredictSettings) -> str:

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -70,7 +69,7 @@ from ikdmil.io import chmod_default, make_temp_dir, one_line, replace_folder, wr
 from ikdmil.slide.reader import Slide, open_slide
 from ikdmil.slide.tiff import write_pyramid_tiff
 from ikdmil.slide.tissue import TissueMap, slide_tissue
-from ikdmil.stain import MacenkoReference, ReinhardReference, normalise, overview_reference
+from ikdmil.stain import MacenkoReference, ReinhardReference, normalise, normalise_rgb, overview_reference
 from ikdmil.visualize import SLIDE_OVERLAY_LEGEND
 
 logger = logging.getLogger(__name__)
@@ -223,8 +222,7 @@ def run_slide(job: SlideJob, tmp: Path, progress: bool, t_start: float) -> dict:
     summary = slide_summary(job, stitcher, polys, out_mpp, workers, infer_s, total_s)
     seen = thumb  # the stain check measures what the model saw: the normalised slide with --stain-normalise
     if job.stain_source is not None:
-        x = torch.from_numpy(np.ascontiguousarray(thumb)).permute(2, 0, 1)[None]
-        seen = normalise(x, job.stain_source, job.lm.stain_reference)[0].permute(1, 2, 0).numpy()
+        seen = normalise_rgb(thumb, job.stain_source, job.lm.stain_reference)
     slide_warnings(summary, seen, thumb_tissue, job.lm.stain, raw=thumb if seen is not thumb else None)
     if job.lm.stain_reference is not None:
         summary["stain_normalise"] = ({"method": job.lm.stain_reference.method, "slide": job.stain_source.to_meta()}
